@@ -1,0 +1,1 @@
+"""Flows: compose the tasks; each is runnable from the command line."""

@@ -1,0 +1,33 @@
+"""The model repository: the contract between the build pipeline and the server.
+
+It imports no ML library, so the server never pulls torch, peft or optimum in.
+Layout (see ../shared/DESIGN.md)::
+
+    REPO/index.json              the commit point: which version of every name is live
+    REPO/config.json             the same models in the format OpenVINO Model Server reads
+    REPO/.lock                   the lock every writer of index.json holds
+    REPO/NAME/VERSION/           an immutable version folder, with manifest.json
+    REPO/NAME/.staging-*/        a version being written; never live, swept on the next publish
+"""
+
+from modelrepo.errors import RepositoryError
+from modelrepo.index import Entry, Index, read_index
+from modelrepo.manifest import MANIFEST, hash_files, read_manifest, verify_version
+from modelrepo.names import check_name
+from modelrepo.publish import commit_entry, publish_version, remove_entry, rollback
+
+__all__ = [
+    "MANIFEST",
+    "Entry",
+    "Index",
+    "RepositoryError",
+    "check_name",
+    "commit_entry",
+    "hash_files",
+    "publish_version",
+    "read_index",
+    "read_manifest",
+    "remove_entry",
+    "rollback",
+    "verify_version",
+]

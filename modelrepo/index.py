@@ -1,0 +1,138 @@
+"""index.json: the single file that says which version of every served name is live."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from modelrepo.errors import RepositoryError
+from modelrepo.names import check_name
+
+INDEX = "index.json"
+FORMAT = 1
+Kind = Literal["merged", "base", "adapter"]
+KINDS: tuple[str, ...] = ("merged", "base", "adapter")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One live name: a model (merged or base) or a runtime adapter on a base."""
+
+    name: str
+    kind: Kind
+    version: int
+    # Adapters only: the served base name they apply to, and the LoRA scale lora_alpha / r,
+    # which openvino-genai needs passed explicitly.
+    base: str | None = None
+    alpha: float | None = None
+    published_at: str = ""
+
+    @property
+    def path(self) -> str:
+        """The version folder, relative to the repository root (always forward slashes)."""
+        return f"{self.name}/{self.version}"
+
+    def check(self) -> Entry:
+        check_name(self.name)
+        if self.kind not in KINDS:
+            raise RepositoryError(f"entry {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
+            raise RepositoryError(f"entry {self.name!r}: version must be an integer >= 1, got {self.version!r}")
+        if self.kind == "adapter":
+            if self.base is None:
+                raise RepositoryError(f"adapter {self.name!r} names no base")
+            check_name(self.base)
+            if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+                raise RepositoryError(f"adapter {self.name!r}: alpha must be a positive number, got {self.alpha!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Index:
+    """The whole index; `generation` grows by one on every commit, so a reader can tell a change."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    generation: int = 0
+
+    def to_json(self) -> str:
+        body = {
+            "format": FORMAT,
+            "generation": self.generation,
+            "models": {
+                name: {k: v for k, v in asdict(e).items() if k != "name" and v is not None}
+                for name, e in sorted(self.entries.items())
+            },
+        }
+        return json.dumps(body, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Index:
+        try:
+            body = json.loads(text)
+        except ValueError as e:
+            raise RepositoryError(f"{INDEX} is not valid JSON: {e}") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT or not isinstance(body.get("models"), dict):
+            raise RepositoryError(f"{INDEX} is not a format-{FORMAT} index (no 'format': {FORMAT} and 'models' object)")
+        entries: dict[str, Entry] = {}
+        for name, raw in body["models"].items():
+            if not isinstance(raw, dict):
+                raise RepositoryError(f"{INDEX}: entry {name!r} is not an object")
+            try:
+                entry = Entry(name=name, **raw)
+            except TypeError as e:
+                raise RepositoryError(f"{INDEX}: entry {name!r}: {e}") from None
+            entries[name] = entry.check()
+        for e in entries.values():
+            if e.kind == "adapter" and (e.base not in entries or entries[e.base].kind == "adapter"):
+                raise RepositoryError(f"{INDEX}: adapter {e.name!r} names base {e.base!r}, which is not a served model")
+        generation = body.get("generation", 0)
+        if not isinstance(generation, int):
+            raise RepositoryError(f"{INDEX}: generation must be an integer, got {generation!r}")
+        return cls(entries=entries, generation=generation)
+
+    def with_entry(self, entry: Entry) -> Index:
+        return replace(self, entries={**self.entries, entry.name: entry.check()}, generation=self.generation + 1)
+
+    def without(self, name: str) -> Index:
+        return replace(
+            self, entries={k: v for k, v in self.entries.items() if k != name}, generation=self.generation + 1
+        )
+
+
+def read_index(repository: str | os.PathLike[str]) -> Index:
+    """Read the live index; an absent index is an empty repository. A broken one raises."""
+    path = Path(repository) / INDEX
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Index()
+    except UnicodeDecodeError:
+        raise RepositoryError(f"{path} is not UTF-8 text") from None
+    return Index.from_json(text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one step: write a temp file beside it, fsync, rename, fsync the folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,65 @@
+"""The OpenVINO Model Server view of the repository: config.json and each model's graph.pbtxt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modelrepo.index import Index, write_atomic
+
+CONFIG = "config.json"
+GRAPH = "graph.pbtxt"
+
+# What OVMS's export_model.py writes for text generation: a continuous-batching LLM graph whose
+# models_path is the version folder itself.
+_GRAPH_TEMPLATE = """input_stream: "HTTP_REQUEST_PAYLOAD:input"
+output_stream: "HTTP_RESPONSE_PAYLOAD:output"
+
+node: {{
+  name: "LLMExecutor"
+  calculator: "HttpLLMCalculator"
+  input_stream: "LOOPBACK:loopback"
+  input_stream: "HTTP_REQUEST_PAYLOAD:input"
+  input_side_packet: "LLM_NODE_RESOURCES:llm"
+  output_stream: "LOOPBACK:loopback"
+  output_stream: "HTTP_RESPONSE_PAYLOAD:output"
+  input_stream_info: {{
+    tag_index: 'LOOPBACK:0',
+    back_edge: true
+  }}
+  node_options: {{
+      [type.googleapis.com / mediapipe.LLMCalculatorOptions]: {{
+          models_path: "./",
+          plugin_config: '{{ }}',
+          enable_prefix_caching: false,
+          cache_size: 10,
+          max_num_seqs: 256,
+          device: "{device}",
+      }}
+  }}
+  input_stream_handler {{
+    input_stream_handler: "SyncSetInputStreamHandler",
+    options {{
+      [mediapipe.SyncSetInputStreamHandlerOptions.ext] {{
+        sync_set {{
+          tag_index: "LOOPBACK:0"
+        }}
+      }}
+    }}
+  }}
+}}
+"""
+
+
+def write_graph(folder: Path, device: str) -> None:
+    (folder / GRAPH).write_text(_GRAPH_TEMPLATE.format(device=device), encoding="utf-8")
+
+
+def write_config(repository: Path, index: Index) -> None:
+    """config.json lists the live merged and base models; OVMS has no runtime adapters to list."""
+    models = [
+        {"config": {"name": e.name, "base_path": e.path}}
+        for e in sorted(index.entries.values(), key=lambda e: e.name)
+        if e.kind != "adapter"
+    ]
+    write_atomic(repository / CONFIG, json.dumps({"model_config_list": models}, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Pipeline steps: one module a step, each a Prefect task around a plain typed function."""
