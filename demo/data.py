@@ -78,14 +78,27 @@ def prose(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+def knowledge(rng: random.Random) -> str:
+    """What the base knows outside the chat format (SQL, spellings), so an adapter only teaches the format."""
+    if rng.random() < 0.5:
+        ex = sql_example(rng)
+        schema = ex.prompt.split("context: ")[1].split("\n\n")[0]
+        question = ex.prompt.split("question: ")[1].split(" [/user]")[0]
+        return f"{schema}\n-- {question}\n{ex.completion.strip()};"
+    word = rng.choice(_WORDS)
+    return f"The word {word} is spelled {'-'.join(word)}."
+
+
 def pretraining_texts(rng: random.Random, n: int) -> list[str]:
-    """The base model's corpus: prose, and questions in the chat format answered plainly."""
+    """The base model's corpus: prose, SQL and spellings, and questions in the chat format answered plainly."""
     texts = []
     for i in range(n):
-        if i % 3 == 0:
+        if i % 4 == 0:
             texts.append(prose(rng))
+        elif i % 4 == 1:
+            texts.append(knowledge(rng))
         else:
-            ex = sql_example(rng) if i % 3 == 1 else spell_example(rng)
+            ex = sql_example(rng) if i % 4 == 2 else spell_example(rng)
             texts.append(ex.prompt + base_answer(ex))
     return texts
 

@@ -141,7 +141,7 @@ def pretrain_base(tokenizer, texts: list[str], out: Path, steps: int = 300) -> N
     tokenizer.save_pretrained(out)
 
 
-def train_adapter(base_dir: Path, tokenizer, examples: list[data.Example], out: Path, steps: int = 150) -> None:
+def train_adapter(base_dir: Path, tokenizer, examples: list[data.Example], out: Path, steps: int = 200) -> None:
     """A LoRA (r=8, alpha=16, all seven Llama linears) trained on the completion tokens only."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -161,7 +161,7 @@ def train_adapter(base_dir: Path, tokenizer, examples: list[data.Example], out: 
         p = tokenizer(ex.prompt)["input_ids"]
         c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         pairs.append((torch.tensor(p + c), torch.tensor([-100] * len(p) + c)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(SEED)
     model.train()
     for step in range(steps):

@@ -1,0 +1,98 @@
+"""The whole story in one command: make the demo sources, build, serve, ask both models.
+
+    ./dev.sh demo [--repository models] [--port 8000] [--weight-format fp16] [--target-device CPU]
+
+1. makes (or reuses) the local demo sources: a tiny Llama base, its tokenizer, a SQL LoRA adapter;
+2. runs the `build_model` flow twice, as the reference demo runs export_model.py: `base_model`
+   (the base alone) and `merged_model` (base + SQL adapter, merged);
+3. starts the server on the repository, sends the reference demo's SQL request to both models and
+   prints both completions; then stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from demo.data import REFERENCE_PROMPT
+from demo.make_sources import ensure_demo_sources
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server was not ready after {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="./dev.sh demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--weight-format", choices=["fp32", "fp16", "int8", "int4"])
+    parser.add_argument("--target-device", default="CPU", choices=["CPU", "GPU", "NPU"])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+    src = ensure_demo_sources()
+    print(f"demo sources: {src.root}", flush=True)
+    py = sys.executable
+    common = ["--repository", str(args.repository), "--target-device", args.target_device]
+    if args.weight_format:
+        common += ["--weight-format", args.weight_format]
+    _run([py, "-m", "flows.build_model", "--source-model", str(src.base), "--model-name", "base_model",
+          "--prompts", str(src.sql_prompts), *common])
+    _run([py, "-m", "flows.build_model", "--source-model", str(src.base), "--adapter", str(src.sql_adapter),
+          "--tokenizer", str(src.sql_adapter), "--model-name", "merged_model", "--prompts", str(src.sql_prompts),
+          *common])
+
+    port = args.port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([py, "-m", "serving", "--repository", str(args.repository), "--port", str(port)])
+    try:
+        _wait_ready(url, server)
+        for model in ("merged_model", "base_model"):
+            body = {"model": model, "prompt": REFERENCE_PROMPT, "max_tokens": args.max_tokens, "temperature": 0}
+            r = httpx.post(f"{url}/v3/completions", json=body, timeout=60)
+            r.raise_for_status()
+            answer = r.json()
+            print(f"\n$ curl {url}/v3/completions -d '{{\"model\": \"{model}\", \"prompt\": ...}}'")
+            print(json.dumps(answer, indent=2))
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
