@@ -3,6 +3,7 @@
 #   ./dev.sh demo    build base_model and merged_model with the flow, serve them, ask both for a completion
 #   ./dev.sh test    the whole test suite
 #   ./dev.sh bench   the benchmarks (writes bench/RESULTS.md)
+#   ./dev.sh run CMD any command inside the environment (e.g. ./dev.sh run prefect server start)
 # The virtual environment is cached outside the checkout, keyed by a hash of requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,5 +34,6 @@ case "$cmd" in
   demo) exec python -m demo "$@" ;;
   test) ruff check . && exec python -m pytest "$@" ;;
   bench) exec python -m bench "$@" ;;
-  *) echo "usage: ./dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+  run) exec "$@" ;;
+  *) echo "usage: ./dev.sh demo|test|bench [args] | ./dev.sh run CMD [args]" >&2; exit 2 ;;
 esac
