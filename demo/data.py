@@ -53,7 +53,9 @@ def sql_example(rng: random.Random) -> Example:
     answer_col, key_col = rng.choice(_COLUMNS)
     table = f"table_name_{rng.randint(1, 99)}"
     value = rng.choice(_VALUES)
-    question = rng.choice([f"Name the {answer_col.upper()} for {value}", f"What is the {answer_col} when {key_col} is {value}?"])
+    question = rng.choice(
+        [f"Name the {answer_col.upper()} for {value}", f"What is the {answer_col} when {key_col} is {value}?"]
+    )
     body = f" context: CREATE TABLE {table} ({answer_col} VARCHAR, {key_col} VARCHAR)\n\n question: {question}"
     return Example(user_turn(SQL_INSTRUCTION, body), f" SELECT {answer_col} FROM {table} WHERE {key_col} = '{value}'")
 

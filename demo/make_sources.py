@@ -10,6 +10,7 @@ folders, safetensors), and OUT/prompts/{sql,spell}.jsonl (validation prompt sets
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -215,9 +216,11 @@ def make_demo_sources(out: Path) -> DemoSources:
 
 
 def _generator_key() -> str:
+    """A hash of the generator's code (its syntax tree, so comments and layout do not rebuild)."""
     h = hashlib.sha256()
     for name in ("make_sources.py", "data.py"):
-        h.update((Path(__file__).parent / name).read_bytes())
+        tree = ast.parse((Path(__file__).parent / name).read_text(encoding="utf-8"))
+        h.update(ast.dump(tree).encode())
     return h.hexdigest()[:16]
 
 

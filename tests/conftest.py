@@ -15,10 +15,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from demo.make_sources import DemoSources, ensure_demo_sources  # noqa: E402
-from tests.support import DemoRepository, build_demo_repository  # noqa: E402
+from demo.make_sources import DemoSources, ensure_demo_sources
+from tests.support import DemoRepository, build_demo_repository
 
 
 @pytest.fixture(scope="session")

@@ -158,8 +158,9 @@ def test_a_publish_killed_half_way_leaves_the_previous_version_live(tmp_path: Pa
     repo = tmp_path / "repo"
     modelrepo.publish_version(repo, "m", "merged", _ir(tmp_path / "v1", "one"), {})
     before = (repo / "index.json").read_text()
+    root = str(Path(__file__).parents[2])
     proc = subprocess.run([sys.executable, "-c", _KILLED_PUBLISH, str(repo), str(_ir(tmp_path / "v2", "two"))],
-                          cwd=Path(__file__).parents[2], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+                          cwd=root, env={**os.environ, "PYTHONPATH": root})
     assert proc.returncode == -signal.SIGKILL
     assert (repo / "index.json").read_text() == before
     assert versions(repo, "m") == [1]
