@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol, engines, routing table and hot reload, HTTP app."""

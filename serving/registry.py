@@ -1,0 +1,280 @@
+"""The routing table (served name -> engine and adapter), built from the repository's index and hot-reloaded.
+
+A reload reads index.json, works out which engines the new index needs (one per merged or base
+model version, with the adapters published on it), builds the missing ones in a worker thread
+while the current table keeps serving, then replaces the whole table in one assignment. Requests
+hold the route they started with, so they finish on their version; engines the new table no
+longer uses are retired and release their pipeline once idle. A version that fails to verify
+against its manifest or to load is logged and kept in `failures` (readiness, /v1/config and
+metrics show it), and the name keeps the route it had.
+
+Changes are noticed by watchfiles on the repository folder (index.json is replaced atomically by
+every publish, rollback and removal) and, for storage where file events are unreliable, by
+comparing the index's generation number every `poll_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import watchfiles
+
+import modelrepo
+from modelrepo import Entry, Index
+from serving.engine import AdapterSpec, Engine, EngineSettings, load_engine
+from serving.errors import ModelNotFound, NotReady
+from serving.modelinfo import ADAPTER_WEIGHTS
+
+log = logging.getLogger(__name__)
+
+EngineKey = tuple[str, tuple[tuple[str, int, float], ...]]  # (model version path, adapters (name, version, alpha))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a served name runs: an engine, and the adapter to activate on it (None: the model itself)."""
+
+    entry: Entry
+    engine: Engine
+    adapter: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+@dataclass
+class Failure:
+    version: int
+    message: str
+    at: float = field(default_factory=time.time)
+
+
+class Registry:
+    """Owns the engines and the routing table of one repository."""
+
+    def __init__(
+        self,
+        repository: Path,
+        settings: EngineSettings,
+        poll_interval: float = 2.0,
+        loader: Callable[..., Engine] = load_engine,
+    ) -> None:
+        self.repository = repository
+        self.loader = loader  # tests of the HTTP layer pass a fake engine's
+        self.settings = settings
+        self.poll_interval = poll_interval
+        self.table: dict[str, Route] = {}
+        self.failures: dict[str, Failure] = {}
+        self.generation: int | None = None
+        self.ready = False
+        self.reloads = 0
+        self._engines: dict[EngineKey, Engine] = {}
+        self._verified: dict[str, list[str]] = {}  # version path -> problems (versions are immutable)
+        self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._retired: list[Engine] = []
+
+    # ---- lifecycle ----
+
+    async def open(self) -> None:
+        """Start loading in the background: the server answers (503 not ready) while the models load."""
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"the repository {self.repository} is not a folder")
+        self._watcher = asyncio.create_task(self._watch(), name="repository-watcher")
+
+    async def wait_ready(self) -> None:
+        while not self.ready:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        engines = list(self._engines.values()) + self._retired
+        self.table = {}
+        self._engines = {}
+        await asyncio.gather(*(asyncio.to_thread(e.close) for e in engines))
+
+    # ---- lookups ----
+
+    def route(self, name: str) -> Route:
+        table = self.table  # one read: a swap in between cannot mix two tables
+        route = table.get(name)
+        if route is None:
+            if not self.ready:
+                raise NotReady("the server is still loading its models")
+            raise ModelNotFound(name, list(table))
+        return route
+
+    # ---- reloading ----
+
+    async def reload(self, force: bool = False) -> bool:
+        """Bring the table in line with index.json (`force`: even if its generation is unchanged)."""
+        async with self._lock:
+            try:
+                index = await asyncio.to_thread(modelrepo.read_index, self.repository)
+            except (modelrepo.RepositoryError, OSError) as e:
+                log.error("cannot read the index of %s: %s; keeping the current models", self.repository, e)
+                self.failures["index.json"] = Failure(0, str(e))
+                return False
+            self.failures.pop("index.json", None)
+            if index.generation == self.generation and self.table and not force:
+                return False
+            await self._apply(index)
+            self.generation = index.generation
+            self.reloads += 1
+            return True
+
+    async def _apply(self, index: Index) -> None:
+        old = self.table
+        table: dict[str, Route] = {}
+        for entry in sorted(index.entries.values(), key=lambda e: e.name):
+            if entry.kind == "adapter":
+                continue
+            adapters = [a for a in index.entries.values() if a.kind == "adapter" and a.base == entry.name]
+            routes = await self._routes_for(entry, adapters, old)
+            table.update(routes)
+        for name in list(self.failures):
+            if name not in index.entries and name != "index.json":
+                del self.failures[name]
+        self.table = table  # the swap: one assignment
+        used = {id(r.engine) for r in table.values()}
+        for key, engine in list(self._engines.items()):
+            if id(engine) not in used:
+                del self._engines[key]
+                engine.retire()
+                self._retired.append(engine)
+                log.info("retired %s v%s (releases its pipeline when idle)", engine.name, engine.version)
+        self._retired = [e for e in self._retired if not e.released]
+        log.info("serving %s", ", ".join(f"{n} v{r.entry.version}" for n, r in sorted(table.items())) or "nothing")
+
+    async def _routes_for(self, model: Entry, adapters: list[Entry], old: dict[str, Route]) -> dict[str, Route]:
+        """Routes for a model and its adapters; on any failure, what served before keeps serving."""
+        previous = old.get(model.name)
+        problems = await self._verify(model)
+        if problems:
+            self._fail(model, "; ".join(problems))
+            return self._keep(previous, old)
+        chosen: list[Entry] = []
+        for a in sorted(adapters, key=lambda a: a.name):
+            bad = await self._verify(a)
+            if not bad and not (self.repository / a.path / ADAPTER_WEIGHTS).is_file():
+                bad = [f"{a.path} has no {ADAPTER_WEIGHTS}"]
+            if bad:
+                self._fail(a, "; ".join(bad))
+                before = old.get(a.name)
+                if before is None or before.entry.base != model.name:
+                    continue
+                a = before.entry  # keep serving the adapter's previous version
+            else:
+                self.failures.pop(a.name, None)
+            chosen.append(a)
+        before_engine = previous.engine if previous else None
+        served_before = {(r.name, r.entry.version) for r in old.values() if r.adapter and r.engine is before_engine}
+        try:
+            engine = await self._engine(model, chosen)
+        except Exception as e:
+            # Blame the adapters that were not served before, if any: serve the model with the others.
+            safe = [a for a in chosen if (a.name, a.version) in served_before]
+            if len(safe) == len(chosen):
+                log.error("cannot load %s v%s: %s", model.name, model.version, e)
+                self._fail(model, f"load failed: {e}")
+                return self._keep(previous, old)
+            for a in chosen:
+                if a not in safe:
+                    self._fail(a, f"load failed on {model.name} v{model.version}: {e}")
+            chosen = safe
+            try:
+                engine = await self._engine(model, chosen)
+            except Exception as e2:
+                self._fail(model, f"load failed: {e2}")
+                return self._keep(previous, old)
+        self.failures.pop(model.name, None)
+        routes = {model.name: Route(model, engine)}
+        for a in chosen:
+            routes[a.name] = Route(a, engine, adapter=a.name)
+        return routes
+
+    async def _engine(self, model: Entry, adapters: list[Entry]) -> Engine:
+        """The engine for a model version and adapter set: the loaded one, or a new one built in a thread."""
+        key: EngineKey = (model.path, tuple((a.name, a.version, float(a.alpha or 1.0)) for a in adapters))
+        engine = self._engines.get(key)
+        if engine is None:
+            specs = [
+                AdapterSpec(a.name, self.repository / a.path / ADAPTER_WEIGHTS, float(a.alpha or 1.0)) for a in adapters
+            ]
+            started = time.monotonic()
+            engine = await asyncio.to_thread(
+                self.loader, model.name, model.version, self.repository / model.path, specs, self.settings
+            )
+            log.info(
+                "loaded %s v%s with adapters %s in %.1f s",
+                model.name, model.version, [a.name for a in adapters] or "none", time.monotonic() - started,
+            )
+            self._engines[key] = engine
+        return engine
+
+    def _keep(self, previous: Route | None, old: dict[str, Route]) -> dict[str, Route]:
+        if previous is None:
+            return {}
+        return {n: r for n, r in old.items() if r.engine is previous.engine}
+
+    async def _verify(self, entry: Entry) -> list[str]:
+        if entry.path not in self._verified:
+            self._verified[entry.path] = await asyncio.to_thread(
+                modelrepo.verify_version, self.repository / entry.path
+            )
+        return self._verified[entry.path]
+
+    def _fail(self, entry: Entry, message: str) -> None:
+        log.error("%s v%s is not served: %s", entry.name, entry.version, message)
+        self.failures[entry.name] = Failure(entry.version, message)
+
+    async def _watch(self) -> None:
+        """Reload when index.json is replaced; also poll its generation in case file events are lost."""
+
+        def is_index(_change: watchfiles.Change, path: str) -> bool:
+            return Path(path).name == modelrepo.index.INDEX
+
+        try:
+            await self.reload()
+        except Exception:  # reported; the watcher keeps trying on the next change
+            log.exception("the first load of %s failed", self.repository)
+        self.ready = True
+        while True:
+            try:
+                async for _ in watchfiles.awatch(
+                    self.repository,
+                    watch_filter=is_index,
+                    recursive=False,
+                    rust_timeout=int(self.poll_interval * 1000),
+                    yield_on_timeout=True,
+                    debounce=200,
+                ):
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a vanished folder or a watcher error: poll until it is back
+                log.error("watching %s failed: %s; retrying", self.repository, e)
+                await asyncio.sleep(self.poll_interval)
+
+    # ---- reporting ----
+
+    def engine_counts(self) -> dict[str, int]:
+        """Engines serving the table, and retired ones still finishing their requests."""
+        return {"live": len(self._engines), "retiring": sum(not e.released for e in self._retired)}
+
+    def created(self, entry: Entry) -> int:
+        try:
+            return int(datetime.fromisoformat(entry.published_at).timestamp())
+        except ValueError:
+            return 0

@@ -1,0 +1,141 @@
+"""The HTTP layer alone, on a fast fake engine: not-ready answers, engine failures, errors in mid-stream."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+import modelrepo
+from serving.app import Settings, create_app
+from serving.engine import Delta, EngineSettings, Failed, Finished, Request
+from serving.modelinfo import ModelInfo
+
+
+class _Ids:
+    def __init__(self, ids: list[int]) -> None:
+        self.data = [ids]
+
+
+class _Encoded:
+    def __init__(self, ids: list[int]) -> None:
+        self.input_ids = _Ids(ids)
+
+
+class FakeTokenizer:
+    """One token per word."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> _Encoded:
+        return _Encoded([0] * add_special_tokens + [len(w) for w in text.split()])
+
+    def apply_chat_template(self, history: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return " ".join(m["content"] for m in history)
+
+
+class FakeEngine:
+    """Answers "ok ok" at once; a prompt holding "explode" fails after its first token."""
+
+    def __init__(self, name: str, version: int, folder: Path, adapters: list, settings: EngineSettings) -> None:
+        self.name, self.version, self.adapters = name, version, {a.name: a for a in adapters}
+        self.info = ModelInfo(folder=folder, context_length=64)
+        self.tokenizer = FakeTokenizer()
+        self.pending = self.running = self.cancelled = self.switches = 0
+        self.released = False
+
+    def submit(self, r: Request) -> None:
+        r.push(Delta("ok", []))
+        if 7 in r.prompt_ids:  # len("explode")
+            r.push(Failed("the device was lost"))
+            return
+        r.push(Delta(" ok", []))
+        r.push(Finished("stop", len(r.prompt_ids), 2))
+
+    def cancel(self, r: Request) -> None:
+        self.cancelled += 1
+
+    def retire(self) -> None:
+        self.released = True
+
+    def close(self) -> None:
+        self.released = True
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "max_new_tokens": 8}))
+    (src / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    repo = tmp_path / "repo"
+    modelrepo.publish_version(repo, "fake", "base", src, {"built_by": "tests"})
+    return repo
+
+
+def _wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + 10
+    while client.get("/v2/health/ready").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def client(repository: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(repository), loader=FakeEngine)) as c:
+        _wait_ready(c)
+        yield c
+
+
+def test_completion_and_chat_on_the_fake_engine(client: TestClient) -> None:
+    r = client.post("/v3/completions", json={"model": "fake", "prompt": "a bb ccc"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["choices"][0]["text"] == "ok ok"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    r = client.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.json()["choices"][0]["message"] == {"content": "ok ok", "role": "assistant"}
+
+
+def test_an_engine_failure_is_a_500_in_openai_shape_without_a_trace(client: TestClient) -> None:
+    r = client.post("/v3/completions", json={"model": "fake", "prompt": "please explode"})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "engine_error" and "device was lost" in r.json()["error"]["message"]
+    assert "Traceback" not in r.text
+
+
+def test_an_error_in_mid_stream_is_an_error_frame_then_done(client: TestClient) -> None:
+    r = client.post("/v3/completions", json={"model": "fake", "prompt": "please explode", "stream": True})
+    assert r.status_code == 200
+    frames = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(frames[0])["choices"][0]["text"] == "ok"
+    assert json.loads(frames[-2])["error"]["code"] == "engine_error"
+    assert frames[-1] == "[DONE]"
+
+
+def test_the_prompt_may_not_fill_the_context(client: TestClient) -> None:
+    r = client.post("/v3/completions", json={"model": "fake", "prompt": "w " * 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_while_models_load_the_server_answers_503_not_ready(repository: Path) -> None:
+    gate = threading.Event()
+
+    def slow_loader(*args: object) -> FakeEngine:
+        gate.wait(10)
+        return FakeEngine(*args)  # type: ignore[arg-type]
+
+    with TestClient(create_app(Settings(repository), loader=slow_loader)) as c:
+        try:
+            for r in (c.get("/v2/health/ready"), c.post("/v3/completions", json={"model": "fake", "prompt": "x"}),
+                      c.get("/v3/models")):
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "not_ready" and r.headers["Retry-After"] == "1"
+            assert c.get("/v2/health/live").status_code == 200
+        finally:
+            gate.set()
+        _wait_ready(c)
+        assert c.post("/v3/completions", json={"model": "fake", "prompt": "x"}).status_code == 200

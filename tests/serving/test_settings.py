@@ -1,0 +1,40 @@
+"""The command line and its environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.__main__ import parse
+
+
+def test_flags_win_over_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    monkeypatch.setenv("LORA_SERVE_REPOSITORY", str(tmp_path))
+    monkeypatch.setenv("LORA_SERVE_PORT", "9001")
+    monkeypatch.setenv("LORA_SERVE_API_KEY_FILE", str(key))
+    monkeypatch.setenv("LORA_SERVE_MAX_QUEUE", "7")
+    args, settings = parse([])
+    assert settings.repository == tmp_path.resolve() and args.port == 9001
+    assert settings.api_key == "s3cret" and "s3cret" not in repr(settings)
+    assert settings.engine.max_queue == 7
+    args, _ = parse(["--port", "9002"])
+    assert args.port == 9002
+
+
+def test_a_missing_repository_or_empty_key_file_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("LORA_SERVE_REPOSITORY", raising=False)
+    with pytest.raises(SystemExit):
+        parse([])
+    assert "--repository" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--repository", str(tmp_path / "absent")])
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(SystemExit):
+        parse(["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "empty")])
+    assert "is empty" in capsys.readouterr().err
