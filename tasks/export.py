@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from prefect import task
+
+from tasks.logs import heartbeat, step_logger
+from tasks.workdir import atomic_output, output_cache_key
 
 WeightFormat = Literal["fp32", "fp16", "int8", "int4"]
 TargetDevice = Literal["CPU", "GPU", "NPU"]
@@ -17,8 +19,6 @@ WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 DEFAULT_WEIGHT_FORMAT: dict[str, WeightFormat] = {"CPU": "fp16", "GPU": "int8", "NPU": "int4"}
 # int4 groups must divide every input width: 32 divides the tiny model's (128, 352) and SmolLM2's (576, 1536).
 INT4_GROUP_SIZE = 32
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,33 @@ def export_openvino(
         ov_config = OVConfig(
             quantization_config=OVWeightQuantizationConfig(bits=4, group_size=INT4_GROUP_SIZE, ratio=1.0)
         )
+    log = step_logger(__name__)  # Prefect's run logger inside a run, so progress shows in the UI
     log.info("exporting %s to OpenVINO IR (%s)", model_dir, weight_format)
-    main_export(
-        str(model_dir),
-        output=out_dir,
-        task="text-generation-with-past",
-        ov_config=ov_config,
-        convert_tokenizer=True,
-        trust_remote_code=trust_remote_code,
-        local_files_only=True,
-    )
+    with heartbeat(log, f"exporting {model_dir.name} to OpenVINO IR"):
+        main_export(
+            str(model_dir),
+            output=out_dir,
+            task="text-generation-with-past",
+            ov_config=ov_config,
+            convert_tokenizer=True,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+    if ov_config.quantization_config:
+        # As optimum-cli does: main_export writes the float IR, then NNCF compresses it in place.
+        from huggingface_hub.constants import HF_HUB_CACHE
+        from optimum.exporters.openvino.__main__ import _main_quantize
+
+        with heartbeat(log, f"compressing the weights to {weight_format} with NNCF"):
+            _main_quantize(
+                str(model_dir),
+                task="text-generation-with-past",
+                library_name="transformers",
+                quantization_config=ov_config.quantization_config,
+                output=out_dir,
+                cache_dir=HF_HUB_CACHE,  # unused: the model is a local folder
+                trust_remote_code=trust_remote_code,
+            )
     for required in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
         if not (out_dir / required).is_file():
             raise RuntimeError(f"export of {model_dir} wrote no {required} in {out_dir}")
@@ -98,4 +115,21 @@ def export_openvino(
     return ExportResult(out_dir, fmt, types)
 
 
-export = task(name="export", task_run_name="export-{weight_format}")(export_openvino)
+def export_step(
+    model_dir: Path, out_dir: Path, weight_format: WeightFormat, *, trust_remote_code: bool = False
+) -> ExportResult:
+    """export_openvino into `out_dir` whole or not at all; an `out_dir` left by an earlier run is reused."""
+    log = step_logger(__name__)
+    if out_dir.is_dir():
+        fmt, types = read_weight_format(out_dir / "openvino_model.xml")
+        log.info("IR already in %s (%s)", out_dir, fmt)
+        return ExportResult(out_dir, fmt, types)
+    with atomic_output(out_dir) as tmp:
+        result = export_openvino(model_dir, tmp, weight_format, trust_remote_code=trust_remote_code)
+    return ExportResult(out_dir, result.weight_format, result.constant_types)
+
+
+# Cached on `out_dir`, whose name the flow derives from the resolved revisions, file hashes and format.
+export = task(
+    name="export", task_run_name="export-{weight_format}", cache_key_fn=output_cache_key, persist_result=True
+)(export_step)

@@ -1,0 +1,167 @@
+"""The build_model flow: base model + LoRA adapters -> merged, exported, validated, published.
+
+    python -m flows.build_model --source-model demo-sources/base --adapter demo-sources/adapters/sql \\
+        --model-name merged_model --repository models [--weight-format fp16 | --target-device GPU]
+    python -m flows.build_model --source-model demo-sources/base --model-name base_model --repository models
+
+Sources are local folders or hub ids, pinned with @revision (org/name@v1.0 or @<commit sha>).
+Re-running with the same inputs reuses finished steps (Prefect caching keyed on the resolved
+revisions and file hashes) and publishes nothing new while an identical build is live, unless
+--overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+import modelrepo
+from flows.cli import run
+from tasks.errors import SourceError
+from tasks.export import TargetDevice, WeightFormat, export, resolve_weight_format
+from tasks.logs import step_logger
+from tasks.merge import merge
+from tasks.publish import Published, build_key, make_manifest, publish, tool_versions, up_to_date
+from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
+from tasks.validate import DEFAULT_PROMPTS, validate
+from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key
+
+
+def describe_sources(base: Source, adapters: list[tuple[Source, Path]], tokenizer: Source | None) -> dict[str, Any]:
+    """The manifest's sources: exact revisions, and a sha256 of every adapter file."""
+    return {
+        "base": base.describe(),
+        "adapters": [s.describe() | {"files": modelrepo.hash_files(p)} for s, p in adapters],
+        "tokenizer": tokenizer.describe() if tokenizer else None,
+    }
+
+
+@flow(name="build_model", flow_run_name="build-{model_name}")
+def build_model(
+    source_model: str,
+    model_name: str,
+    repository: Path,
+    adapters: list[str] | None = None,
+    tokenizer: str | None = None,
+    weight_format: WeightFormat | None = None,
+    target_device: TargetDevice = "CPU",
+    prompts: Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    retention: int = 3,
+    work_dir: Path | None = None,
+) -> Published:
+    """Resolve and fetch the sources, merge the adapters in order, export, validate, publish."""
+    log = step_logger(__name__)
+    modelrepo.check_name(model_name)
+    fmt = resolve_weight_format(weight_format, target_device)
+    adapters = adapters or []
+    work = work_dir or default_work_dir()
+    prompts = Path(prompts or DEFAULT_PROMPTS)
+    if not prompts.is_file():
+        raise SourceError(f"prompt set {prompts}: no such file")
+    flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+
+    base = resolve_source(source_model, "base", **flags)
+    adapter_sources = [resolve_source(a, "adapter", **flags) for a in adapters]
+    tok = resolve_source(tokenizer, "tokenizer", **flags) if tokenizer else None
+    pinned = [base.revision, [a.revision for a in adapter_sources], tok.revision if tok else None, flags]
+    key = build_key([*pinned, file_digest(prompts)], fmt, target_device, tool_versions())
+    if not overwrite and (live := up_to_date(repository, model_name, key)):
+        log.info(
+            "%s is up to date: version %d was built from the same inputs (--overwrite publishes anyway)",
+            model_name,
+            live.version,
+        )
+        return Published(model_name, live.version, Path(repository) / live.path, False)
+
+    base_dir, *adapter_dirs = [
+        fresh_unless_present(fetch_source, snapshot_path(s))(s, **flags) for s in [base, *adapter_sources]
+    ]
+    tok_dir = fresh_unless_present(fetch_source, snapshot_path(tok))(tok, **flags) if tok else None
+    model_dir = base_dir
+    if adapter_dirs or tok_dir:
+        merged = work / f"merged-{input_key(*pinned)}"
+        model_dir = fresh_unless_present(merge, merged)(base_dir, adapter_dirs, merged, tok_dir, **flags)
+    ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
+    ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
+    report = validate(
+        ir.folder,
+        base_dir,
+        adapter_dirs,
+        prompts,
+        ir.weight_format,
+        model_name,
+        tok_dir,
+        trust_remote_code=trust_remote_code,
+    )
+    manifest = make_manifest(
+        key=key,
+        sources=describe_sources(base, list(zip(adapter_sources, adapter_dirs, strict=True)), tok),
+        weight_format=ir.weight_format,
+        constant_types=ir.constant_types,
+        target_device=target_device,
+        tools=tool_versions(),
+        validation=report.summary(),
+        flow_run=flow_run.get_id(),
+    )
+    kind = "merged" if adapter_dirs else "base"
+    return publish(
+        repository,
+        model_name,
+        kind,
+        ir.folder,
+        manifest,
+        target_device=target_device,
+        retention=retention,
+        report_markdown=report.markdown(model_name),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.build_model", description=__doc__.splitlines()[0])
+    p.add_argument("--source-model", required=True, help="base model: hub id[@revision] or local folder")
+    p.add_argument("--adapter", action="append", default=[], help="LoRA adapter, applied in order (repeatable)")
+    p.add_argument("--tokenizer", help="tokenizer source, when the adapters use another than the base's")
+    p.add_argument(
+        "--weight-format",
+        choices=["fp32", "fp16", "int8", "int4"],
+        help="default: from --target-device (CPU fp16, GPU int8)",
+    )
+    p.add_argument("--target-device", default="CPU", choices=["CPU", "GPU", "NPU"])
+    p.add_argument("--model-name", required=True, help="the served name")
+    p.add_argument("--repository", required=True, type=Path, help="the model repository folder")
+    p.add_argument("--prompts", type=Path, help=f"validation prompts, JSONL (default {DEFAULT_PROMPTS.name})")
+    p.add_argument("--overwrite", action="store_true", help="publish even when an identical build is live")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled (.bin) weights")
+    p.add_argument("--trust-remote-code", action="store_true", help="accept custom model code")
+    p.add_argument("--retention", type=int, default=3, help="versions kept per name (default 3)")
+    p.add_argument("--work-dir", type=Path, help="where intermediate builds are cached")
+    a = p.parse_args(argv)
+    return run(
+        "build_model",
+        build_model,
+        source_model=a.source_model,
+        model_name=a.model_name,
+        repository=a.repository,
+        adapters=a.adapter,
+        tokenizer=a.tokenizer,
+        weight_format=a.weight_format,
+        target_device=a.target_device,
+        prompts=a.prompts,
+        overwrite=a.overwrite,
+        allow_pickle=a.allow_pickle,
+        trust_remote_code=a.trust_remote_code,
+        retention=a.retention,
+        work_dir=a.work_dir,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

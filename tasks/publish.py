@@ -1,0 +1,163 @@
+"""Publish a validated build into the model repository, with a manifest of what it was built from and how."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import modelrepo
+from tasks.logs import step_logger
+from tasks.workdir import input_key
+
+REPORT = "validation.md"  # the validation report, beside the manifest in every version
+TOOLS = (
+    "openvino",
+    "openvino-genai",
+    "openvino-tokenizers",
+    "optimum-intel",
+    "optimum",
+    "nncf",
+    "transformers",
+    "peft",
+    "torch",
+    "huggingface_hub",
+)
+
+
+def tool_versions() -> dict[str, str]:
+    """The installed versions of every tool that shapes the build (read from package metadata, no imports)."""
+    versions = {}
+    for name in TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_key(sources: list[dict[str, Any]], weight_format: str, target_device: str, tools: dict[str, str]) -> str:
+    """What makes two builds the same: the exact sources, the format, the device and the tools."""
+    return input_key(sources, weight_format, target_device, tools)
+
+
+def live_build(repository: Path, name: str) -> tuple[modelrepo.Entry, dict[str, Any]] | None:
+    """The live entry of `name` and its manifest, or None when `name` is not served."""
+    entry = modelrepo.read_index(repository).entries.get(name)
+    if entry is None:
+        return None
+    try:
+        return entry, modelrepo.read_manifest(repository / entry.path)
+    except modelrepo.RepositoryError:
+        return None
+
+
+def up_to_date(repository: Path, name: str, key: str) -> modelrepo.Entry | None:
+    """The live entry of `name` if it was built from exactly this build key, else None."""
+    live = live_build(repository, name)
+    if live is None or live[1].get("build", {}).get("key") != key:
+        return None
+    return live[0]
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: int
+    path: Path
+    published: bool  # False: an identical build was already live (and --overwrite was not given)
+
+    def __str__(self) -> str:
+        if self.published:
+            return f"{self.name} version {self.version} is live: {self.path}"
+        return f"{self.name} is up to date: version {self.version} was built from the same inputs ({self.path})"
+
+
+def make_manifest(
+    *,
+    key: str,
+    sources: dict[str, Any],
+    weight_format: str,
+    constant_types: dict[str, int],
+    target_device: str,
+    tools: dict[str, str],
+    validation: dict[str, Any],
+    flow_run: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "build": {"key": key, "flow_run": flow_run, "built_at": datetime.now(UTC).isoformat(timespec="seconds")},
+        "sources": sources,
+        "weight_format": weight_format,  # read back from the written IR
+        "weight_constant_types": constant_types,
+        "target_device": target_device,
+        "tools": tools,
+        "validation": validation,
+    }
+
+
+def publish_model(
+    repository: Path,
+    name: str,
+    kind: modelrepo.index.Kind,
+    folder: Path,
+    manifest: dict[str, Any],
+    *,
+    target_device: str = "CPU",
+    retention: int = 3,
+    base: str | None = None,
+    alpha: float | None = None,
+    report_markdown: str | None = None,
+) -> Published:
+    """modelrepo.publish_version: a new immutable version, made live by one atomic index replace."""
+    log = step_logger(__name__)
+    log.info("publishing %s from %s into %s", name, folder, repository)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".publish-{name}-") as tmp:
+        # The version holds the report beside the model; hard links keep the cached build untouched and cost nothing.
+        staged = Path(tmp) / "version"
+        shutil.copytree(folder, staged, copy_function=os.link)
+        if report_markdown:
+            (staged / REPORT).write_text(report_markdown, encoding="utf-8")
+        entry = modelrepo.publish_version(
+            repository, name, kind, staged, manifest, base=base, alpha=alpha, device=target_device, retention=retention
+        )
+    log.info("%s version %d is live in %s", name, entry.version, repository)
+    return Published(name, entry.version, Path(repository) / entry.path, True)
+
+
+def publish_step(
+    repository: Path,
+    name: str,
+    kind: modelrepo.index.Kind,
+    folder: Path,
+    manifest: dict[str, Any],
+    **options: Any,
+) -> Published:
+    """publish_model, and a markdown artifact under a stable key saying what is live now."""
+    from prefect.artifacts import create_markdown_artifact
+
+    published = publish_model(repository, name, kind, folder, manifest, **options)
+    validation = manifest.get("validation", {})
+    key = "published-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+    create_markdown_artifact(
+        f"# {name} version {published.version} is live\n\n"
+        f"- kind: {kind}{' on ' + str(options.get('base')) if kind == 'adapter' else ''}\n"
+        f"- folder: `{published.path}`\n"
+        f"- weights: {manifest.get('weight_format')} for {manifest.get('target_device')}\n"
+        f"- validation: agreement {validation.get('agreement')} (at least {validation.get('min_agreement')})\n"
+        f"- roll back: `python -m modelrepo rollback --repository {repository} --model {name}`\n",
+        key=key,
+        description=f"the live version of {name}",
+    )
+    return published
+
+
+# Never cached: publishing is the one step whose effect is the point of running it again.
+publish = task(name="publish", task_run_name="publish-{name}", cache_policy=NO_CACHE)(publish_step)
