@@ -119,6 +119,8 @@ def write_atomic(path: Path, text: str) -> None:
     """Replace `path` in one step: write a temp file beside it, fsync, rename, fsync the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes 0600; readers may run as another user (OVMS in a container, a server replica).
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

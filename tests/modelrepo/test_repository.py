@@ -36,6 +36,8 @@ def test_publish_writes_a_complete_version_then_the_index(tmp_path: Path) -> Non
     config = json.loads((repo / "config.json").read_text())
     assert config == {"model_config_list": [{"config": {"name": "merged_model", "base_path": "merged_model/1"}}]}
     assert 'device: "CPU"' in (repo / "merged_model/1/graph.pbtxt").read_text()
+    for name in ("index.json", "config.json"):  # readable by a server running as another user
+        assert (repo / name).stat().st_mode & 0o777 == 0o644
 
 
 def test_versions_grow_and_retention_keeps_what_the_index_names(tmp_path: Path) -> None:
