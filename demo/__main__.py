@@ -33,11 +33,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str]) -> None:
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
 def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,28 +59,39 @@ def main(argv: list[str] | None = None) -> None:
 
     src = ensure_demo_sources()
     print(f"demo sources: {src.root}", flush=True)
-    py = sys.executable
-    common = ["--repository", str(args.repository), "--target-device", args.target_device]
-    if args.weight_format:
-        common += ["--weight-format", args.weight_format]
-    _run([py, "-m", "flows.build_model", "--source-model", str(src.base), "--model-name", "base_model",
-          "--prompts", str(src.sql_prompts), *common])
-    _run([py, "-m", "flows.build_model", "--source-model", str(src.base), "--adapter", str(src.sql_adapter),
-          "--tokenizer", str(src.sql_adapter), "--model-name", "merged_model", "--prompts", str(src.sql_prompts),
-          *common])
+    # Both builds in this process: one temporary Prefect server instead of one per command.
+    from flows.build_model import build_model
 
+    common = {"repository": args.repository, "target_device": args.target_device,
+              "weight_format": args.weight_format, "prompts": src.sql_prompts}
+    print("\n== build_model: base_model (the base alone)", flush=True)
+    print(build_model(source_model=str(src.base), model_name="base_model", **common), flush=True)
+    print("\n== build_model: merged_model (base + SQL adapter, merged)", flush=True)
+    merged = build_model(source_model=str(src.base), adapters=[str(src.sql_adapter)], tokenizer=str(src.sql_adapter),
+                         model_name="merged_model", **common)
+    print(merged, flush=True)
+
+    py = sys.executable
     port = args.port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([py, "-m", "serving", "--repository", str(args.repository), "--port", str(port)])
+    server = subprocess.Popen(
+        [py, "-m", "serving", "--repository", str(args.repository), "--port", str(port), "--log-level", "warning"]
+    )
     try:
         _wait_ready(url, server)
+        texts = {}
         for model in ("merged_model", "base_model"):
             body = {"model": model, "prompt": REFERENCE_PROMPT, "max_tokens": args.max_tokens, "temperature": 0}
             r = httpx.post(f"{url}/v3/completions", json=body, timeout=60)
             r.raise_for_status()
-            answer = r.json()
-            print(f"\n$ curl {url}/v3/completions -d '{{\"model\": \"{model}\", \"prompt\": ...}}'")
-            print(json.dumps(answer, indent=2))
+            print(f"\n== {model}: the reference demo's request (POST {url}/v3/completions)")
+            print(json.dumps(r.json(), indent=2), flush=True)
+            texts[model] = r.json()["choices"][0]["text"]
+        print("\n== side by side")
+        for model, text in texts.items():
+            print(f"{model:>13}: {text!r}")
+        if texts["merged_model"] == texts["base_model"]:
+            raise SystemExit("the merged model answered as the base model did: the adapter changed nothing")
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -152,22 +152,14 @@ class Service:
 
     async def completion(self, req: p.CompletionRequest, disconnected: asyncio.Event) -> p.Completion:
         gen, prepared = await self.start(req, self._completion_preparer(req))
-        texts: dict[int, list[str]] = {}
-        logprobs: dict[int, list[tuple[str, float]]] = {}
-        reasons: dict[int, str] = {}
-        async for index, event in _until_disconnected(gen, disconnected):
-            if isinstance(event, Delta):
-                texts.setdefault(index, []).append(event.text)
-                logprobs.setdefault(index, []).extend(event.tokens)
-            else:
-                reasons[index] = event.finish_reason
+        texts, logprobs, reasons = await _collect(gen, disconnected)
         choices = []
         for index in range(len(gen.requests)):
             prefix = prepared.prompts[index // req.n] if req.echo else ""
-            text = prefix + "".join(texts.get(index, []))
+            text = prefix + texts[index]
             lp = None
             if req.logprobs is not None:
-                lp = _completion_logprobs(logprobs.get(index, []), req.logprobs, len(prefix))
+                lp = _completion_logprobs(logprobs[index], req.logprobs, len(prefix))
             choices.append(p.CompletionChoice(index, text, lp, reasons[index]))  # type: ignore[arg-type]
         self.record(gen, "completions")
         return p.Completion(
@@ -244,20 +236,12 @@ class Service:
 
     async def chat(self, req: p.ChatCompletionRequest, disconnected: asyncio.Event) -> p.ChatCompletion:
         gen, _ = await self.start(req, self._chat_preparer(req))
-        texts: dict[int, list[str]] = {}
-        logprobs: dict[int, list[tuple[str, float]]] = {}
-        reasons: dict[int, str] = {}
-        async for index, event in _until_disconnected(gen, disconnected):
-            if isinstance(event, Delta):
-                texts.setdefault(index, []).append(event.text)
-                logprobs.setdefault(index, []).extend(event.tokens)
-            else:
-                reasons[index] = event.finish_reason
+        texts, logprobs, reasons = await _collect(gen, disconnected)
         choices = [
             p.ChatChoice(
                 index,
-                p.AssistantMessage("".join(texts.get(index, []))),
-                _chat_logprobs(logprobs.get(index, [])) if req.logprobs else None,
+                p.AssistantMessage(texts[index]),
+                _chat_logprobs(logprobs[index]) if req.logprobs else None,
                 reasons[index],  # type: ignore[arg-type]
             )
             for index in range(len(gen.requests))
@@ -297,6 +281,22 @@ class Service:
             yield "[DONE]"
 
         return frames()
+
+
+async def _collect(
+    gen: Generation, disconnected: asyncio.Event
+) -> tuple[dict[int, str], dict[int, list[tuple[str, float]]], dict[int, str]]:
+    """A non-streaming generation's whole text, logprobs and finish reason per choice index."""
+    parts: dict[int, list[str]] = {i: [] for i in range(len(gen.requests))}
+    logprobs: dict[int, list[tuple[str, float]]] = {i: [] for i in range(len(gen.requests))}
+    reasons: dict[int, str] = {}
+    async for index, event in _until_disconnected(gen, disconnected):
+        if isinstance(event, Delta):
+            parts[index].append(event.text)
+            logprobs[index].extend(event.tokens)
+        else:
+            reasons[index] = event.finish_reason
+    return {i: "".join(t) for i, t in parts.items()}, logprobs, reasons
 
 
 async def _until_disconnected(
