@@ -24,7 +24,7 @@ import modelrepo
 from flows.cli import run
 from tasks.errors import SourceError
 from tasks.export import TargetDevice, WeightFormat, export, resolve_weight_format
-from tasks.logs import step_logger
+from tasks.logs import Progress, step_logger
 from tasks.merge import merge
 from tasks.publish import Published, build_key, make_manifest, publish, tool_versions, up_to_date
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
@@ -67,6 +67,7 @@ def build_model(
     if not prompts.is_file():
         raise SourceError(f"prompt set {prompts}: no such file")
     flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    progress = Progress(f"build {model_name}", ["resolve", "fetch", "merge", "export", "validate", "publish"])
 
     base = resolve_source(source_model, "base", **flags)
     adapter_sources = [resolve_source(a, "adapter", **flags) for a in adapters]
@@ -80,17 +81,21 @@ def build_model(
             live.version,
         )
         return Published(model_name, live.version, Path(repository) / live.path, False)
+    progress.step("resolve")
 
     base_dir, *adapter_dirs = [
         fresh_unless_present(fetch_source, snapshot_path(s))(s, **flags) for s in [base, *adapter_sources]
     ]
     tok_dir = fresh_unless_present(fetch_source, snapshot_path(tok))(tok, **flags) if tok else None
+    progress.step("fetch")
     model_dir = base_dir
     if adapter_dirs or tok_dir:
         merged = work / f"merged-{input_key(*pinned)}"
         model_dir = fresh_unless_present(merge, merged)(base_dir, adapter_dirs, merged, tok_dir, **flags)
+    progress.step("merge")
     ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
     ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
+    progress.step("export")
     report = validate(
         ir.folder,
         base_dir,
@@ -101,6 +106,7 @@ def build_model(
         tok_dir,
         trust_remote_code=trust_remote_code,
     )
+    progress.step("validate")
     manifest = make_manifest(
         key=key,
         sources=describe_sources(base, list(zip(adapter_sources, adapter_dirs, strict=True)), tok),
@@ -112,7 +118,7 @@ def build_model(
         flow_run=flow_run.get_id(),
     )
     kind = "merged" if adapter_dirs else "base"
-    return publish(
+    published = publish(
         repository,
         model_name,
         kind,
@@ -122,6 +128,8 @@ def build_model(
         retention=retention,
         report_markdown=report.markdown(model_name),
     )
+    progress.step("publish")
+    return published
 
 
 def main(argv: list[str] | None = None) -> int:

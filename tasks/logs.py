@@ -38,3 +38,21 @@ def heartbeat(log: logging.Logger | logging.LoggerAdapter[Any], what: str, every
         done.set()
         thread.join()
         log.info("%s took %.1f s", what, time.monotonic() - start)
+
+
+class Progress:
+    """A Prefect progress artifact that a flow moves along its steps, so the UI shows how far a run is."""
+
+    def __init__(self, what: str, steps: list[str]) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.what, self.steps, self.done = what, steps, 0
+        self.id = create_progress_artifact(0.0, description=f"{what}: {steps[0]}")
+
+    def step(self, finished: str) -> None:
+        """Mark `finished` done and say what runs next."""
+        from prefect.artifacts import update_progress_artifact
+
+        self.done = self.steps.index(finished) + 1
+        following = self.steps[self.done] if self.done < len(self.steps) else "done"
+        update_progress_artifact(self.id, 100.0 * self.done / len(self.steps), description=f"{self.what}: {following}")

@@ -140,12 +140,37 @@ def publish_step(
     manifest: dict[str, Any],
     **options: Any,
 ) -> Published:
-    """publish_model, and a markdown artifact under a stable key saying what is live now."""
-    from prefect.artifacts import create_markdown_artifact
+    """publish_model; a markdown and a link artifact under stable keys saying what is live now; an event."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.events import emit_event
 
     published = publish_model(repository, name, kind, folder, manifest, **options)
     validation = manifest.get("validation", {})
     key = "published-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+    create_link_artifact(
+        published.path.resolve().as_uri(),
+        link_text=f"{name} version {published.version}",
+        key=key + "-folder",
+        description=f"the version folder of {name} now live",
+    )
+    # Automations can react to a publish (reload a remote server, notify, run a smoke test).
+    emit_event(
+        event="lora.model.published",
+        resource={
+            "prefect.resource.id": f"lora.model.{name}",
+            "prefect.resource.name": name,
+            "lora.kind": kind,
+            "lora.version": str(published.version),
+        },
+        payload={
+            "name": name,
+            "version": published.version,
+            "kind": kind,
+            "path": str(published.path),
+            "repository": str(repository),
+            "weight_format": manifest.get("weight_format"),
+        },
+    )
     create_markdown_artifact(
         f"# {name} version {published.version} is live\n\n"
         f"- kind: {kind}{' on ' + str(options.get('base')) if kind == 'adapter' else ''}\n"

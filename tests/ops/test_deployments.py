@@ -47,7 +47,8 @@ def _run_deployment(project: Path, env: dict[str, str], name: str) -> str:
     return run_id
 
 
-async def _state_and_artifacts(run_id: str) -> tuple[str, list[str]]:
+async def _state_and_artifacts(run_id: str) -> tuple[str, dict[str, list]]:
+    """The run's final state and its artifacts by type (markdown, table, link, progress)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -56,7 +57,19 @@ async def _state_and_artifacts(run_id: str) -> tuple[str, list[str]]:
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )
-    return run.state.type.value, [a.key or a.type for a in artifacts]
+    by_type: dict[str, list] = {}
+    for a in artifacts:
+        by_type.setdefault(a.type, []).append(a)
+    return run.state.type.value, by_type
+
+
+async def _events(prefix: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        r = await client._client.post("/events/filter", json={"filter": {"event": {"prefix": [prefix]}}})
+        r.raise_for_status()
+        return r.json()["events"]
 
 
 async def test_a_deployment_runs_on_a_worker_publishes_and_reports(deployed: tuple[Path, dict]) -> None:
@@ -64,11 +77,22 @@ async def test_a_deployment_runs_on_a_worker_publishes_and_reports(deployed: tup
     run_id = _run_deployment(project, env, "build_model/base-model")
     state, artifacts = await _state_and_artifacts(run_id)
     assert state == "COMPLETED"
-    assert any("validation" in a for a in artifacts), artifacts
     index = json.loads((project / "models" / "index.json").read_text())
     assert index["models"]["base_model"]["version"] == 1
-    manifest = json.loads((project / "models" / "base_model" / "1" / "manifest.json").read_text())
+    version = project / "models" / "base_model" / "1"
+    manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["build"]["flow_run"] == run_id
+    # The UI's view of the run: the validation report, the live version, a finished progress bar.
+    markdown = {a.key: a.data for a in artifacts["markdown"]}
+    assert "validation-base-model" in markdown and "agreement" in markdown["validation-base-model"]
+    assert "base_model version 1 is live" in markdown["published-base-model"]
+    assert [a.data for a in artifacts["table"]]
+    assert f"]({version.resolve().as_uri()})" in markdown["published-base-model-folder"]  # a link artifact
+    assert [a.data for a in artifacts["progress"]] == [100.0]
+    # Automations can react to the publish.
+    events = await _events("lora.model.published")
+    events = [e for e in events if e["resource"]["prefect.resource.name"] == "base_model"]
+    assert events and events[-1]["payload"]["version"] == 1 and events[-1]["resource"]["lora.version"] == "1"
 
 
 async def test_a_second_run_without_upstream_change_is_up_to_date(deployed: tuple[Path, dict]) -> None:
