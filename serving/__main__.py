@@ -4,7 +4,8 @@
 
 Every option also reads an environment variable (LORA_SERVE_REPOSITORY, LORA_SERVE_HOST,
 LORA_SERVE_PORT, LORA_SERVE_API_KEY_FILE or LORA_SERVE_API_KEY, LORA_SERVE_MAX_QUEUE, LORA_SERVE_MAX_NUM_SEQS,
-LORA_SERVE_MAX_BODY_BYTES, LORA_SERVE_TIME_SLICE, LORA_SERVE_POLL_INTERVAL, LORA_SERVE_LOG_LEVEL);
+LORA_SERVE_MAX_BODY_BYTES, LORA_SERVE_MAX_ADAPTER_BYTES, LORA_SERVE_CPU_RUNTIME_CACHE, LORA_SERVE_TIME_SLICE,
+LORA_SERVE_POLL_INTERVAL, LORA_SERVE_LOG_LEVEL);
 a flag wins over its variable.
 """
 
@@ -26,6 +27,10 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LORA_SERVE_{name}", default)
 
 
+def _int_or_none(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(
         prog="python -m serving",
@@ -44,6 +49,10 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(4 << 20)) or 4 << 20))
     parser.add_argument("--time-slice", type=float, default=float(_env("TIME_SLICE", "0.5") or 0.5),
                         help="seconds an adapter's batch keeps admitting while other adapters wait")
+    parser.add_argument("--max-adapter-bytes", type=int, default=int(_env("MAX_ADAPTER_BYTES") or 1 << 30),
+                        help="refuse an adapter whose weights file is larger (default 1 GiB)")
+    parser.add_argument("--cpu-runtime-cache", type=int, default=_int_or_none(_env("CPU_RUNTIME_CACHE")),
+                        help="OpenVINO's compiled-kernel cache entries (default: OpenVINO's 5000; 0 keeps memory flat)")
     parser.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", "2") or 2))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
@@ -64,7 +73,13 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
         api_key=api_key or None,
         max_body_bytes=args.max_body_bytes,
         poll_interval=args.poll_interval,
-        engine=EngineSettings(max_queue=args.max_queue, max_num_seqs=args.max_num_seqs, time_slice=args.time_slice),
+        engine=EngineSettings(
+            max_queue=args.max_queue,
+            max_num_seqs=args.max_num_seqs,
+            time_slice=args.time_slice,
+            max_adapter_bytes=args.max_adapter_bytes,
+            cpu_runtime_cache=args.cpu_runtime_cache,
+        ),
     )
     return args, settings
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from litestar import Controller, Litestar, MediaType, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -67,6 +68,10 @@ def _endpoint(path: str) -> str:
 def _as_serving_error(exc: Exception) -> ServingError:
     if isinstance(exc, ServingError):
         return exc
+    if isinstance(exc, UnicodeDecodeError):  # raised while the body is decoded
+        return InvalidParameter(f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}")
+    if isinstance(exc, RecursionError):
+        return InvalidParameter("the body nests JSON arrays or objects too deeply")
     if isinstance(exc, ValidationException):
         extra = exc.extra if isinstance(exc.extra, list) else []
         first = extra[0] if extra and isinstance(extra[0], dict) else {}
@@ -129,11 +134,34 @@ def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 
 class EventStream(ServerSentEvent):
-    """Litestar's SSE response, keeping text/event-stream even from a handler whose media type is JSON."""
+    """Litestar's SSE response, keeping text/event-stream even from a handler whose media type is JSON,
+    and calling `on_close` once the body is over however it ended: finished, client gone, send failed.
+
+    (Litestar runs a response's background task only after a clean end, and an abandoned async
+    generator's `finally` waits for the garbage collector: neither cancels a disconnected generation.)
+    """
+
+    def __init__(self, content: AsyncIterator[str], *, on_close: Callable[[], None]) -> None:
+        super().__init__(content)
+        self.on_close = on_close
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["media_type"] = self.media_type
-        return super().to_asgi_response(*args, **kwargs)
+        return _ClosingResponse(super().to_asgi_response(*args, **kwargs), self.on_close)
+
+
+@dataclass(frozen=True)
+class _ClosingResponse:
+    """An ASGI response that calls `on_close` after the wrapped one, whether it ended or raised."""
+
+    inner: Any
+    on_close: Callable[[], None]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def provide_service(state: State) -> Service:
@@ -159,41 +187,56 @@ async def _disconnect_watch(request: Request) -> AsyncIterator[asyncio.Event]:
         task.cancel()
 
 
+# The errors each endpoint can answer, documented in the shape they really have.
+_ERRORS = {
+    status: ResponseSpec(data_container=p.ErrorBody, description=description)
+    for status, description in {
+        400: "a bad parameter, named in error.param",
+        401: "a missing or wrong API key",
+        404: "an unknown model (the message lists the served ones)",
+        413: "a body over the limit",
+        503: "not ready, or the queue is full (see Retry-After)",
+    }.items()
+}
+
+
 class OpenAIController(Controller):
     """OpenAI's endpoints; registered under /v3 (OVMS's prefix) and /v1 (OpenAI's)."""
 
     dependencies = {"service": Provide(provide_service, sync_to_thread=False)}  # noqa: RUF012
 
-    @post("/completions", status_code=200)
+    @post("/completions", status_code=200, responses=_ERRORS)
     async def completions(
         self, data: JSONBody[p.CompletionRequest], service: NamedDependency[Service], request: Request
     ) -> p.Completion:
         request.state.model = data.model
         data.check()
         if data.stream:
-            return EventStream(await service.stream_completion(data))  # type: ignore[return-value]
+            frames, cancel = await service.stream_completion(data)
+            return EventStream(frames, on_close=cancel)  # type: ignore[return-value]
         async with _disconnect_watch(request) as gone:
             return await service.completion(data, gone)
 
-    @post("/chat/completions", status_code=200)
+    @post("/chat/completions", status_code=200, responses=_ERRORS)
     async def chat_completions(
         self, data: JSONBody[p.ChatCompletionRequest], service: NamedDependency[Service], request: Request
     ) -> p.ChatCompletion:
         request.state.model = data.model
         data.check()
         if data.stream:
-            return EventStream(await service.stream_chat(data))  # type: ignore[return-value]
+            frames, cancel = await service.stream_chat(data)
+            return EventStream(frames, on_close=cancel)  # type: ignore[return-value]
         async with _disconnect_watch(request) as gone:
             return await service.chat(data, gone)
 
-    @get("/models")
+    @get("/models", responses=_ERRORS)
     async def models(self, service: NamedDependency[Service]) -> p.ModelList:
         registry = service.registry
         if not registry.ready:
             raise NotReady("the server is still loading its models")
         return p.ModelList([_card(registry, r.entry) for _, r in sorted(registry.table.items())])
 
-    @get("/models/{model_id:str}")
+    @get("/models/{model_id:str}", responses=_ERRORS)
     async def model(self, model_id: FromPath[str], service: NamedDependency[Service]) -> p.ModelCard:
         return _card(service.registry, service.registry.route(model_id).entry)
 
@@ -298,7 +341,7 @@ def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engin
             await registry.close()
 
     guards = [require_api_key]
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             Router("/v3", route_handlers=[OpenAIController], guards=guards),
             Router("/v1", route_handlers=[OpenAIController, ConfigController], guards=guards),
@@ -312,3 +355,26 @@ def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engin
         openapi_config=OpenAPIConfig(title="lora-pipeline serving", version="1.0.0", path="/schema"),
         logging_config=None,
     )
+    _document_zero_bounds(app, [p.CompletionRequest, p.ChatCompletionRequest])
+    return app
+
+
+_BOUNDS = {"minimum": "minimum", "exclusiveMinimum": "exclusive_minimum"}
+
+
+def _document_zero_bounds(app: Litestar, structs: list[type]) -> None:
+    """Put back the zero bounds (temperature >= 0, top_p > 0, ...) that Litestar drops from the schema.
+
+    Litestar copies a bound only when it is truthy; msgspec's own schema of the same structs has them all.
+    """
+    schemas = app.openapi_schema.components.schemas
+    _, components = msgspec.json.schema_components(structs)
+    for name, component in components.items():
+        if name not in schemas:
+            continue
+        for prop, schema in component.get("properties", {}).items():
+            target = (schemas[name].properties or {}).get(prop)
+            for option in schema.get("anyOf", [schema]):
+                for key, attr in _BOUNDS.items():
+                    if target is not None and key in option and getattr(target, attr) is None:
+                        setattr(target, attr, option[key])

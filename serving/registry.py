@@ -167,8 +167,12 @@ class Registry:
         chosen: list[Entry] = []
         for a in sorted(adapters, key=lambda a: a.name):
             bad = await self._verify(a)
-            if not bad and not (self.repository / a.path / ADAPTER_WEIGHTS).is_file():
+            weights = self.repository / a.path / ADAPTER_WEIGHTS
+            limit = self.settings.max_adapter_bytes
+            if not bad and not weights.is_file():
                 bad = [f"{a.path} has no {ADAPTER_WEIGHTS}"]
+            elif not bad and (size := weights.stat().st_size) > limit:
+                bad = [f"{a.path}/{ADAPTER_WEIGHTS} is {size} bytes, over the limit of {limit} (--max-adapter-bytes)"]
             if bad:
                 self._fail(a, "; ".join(bad))
                 before = old.get(a.name)

@@ -166,8 +166,8 @@ class Service:
             p.new_id("cmpl"), p.now(), req.model, choices, self.usage(gen), system_fingerprint=gen.fingerprint
         )
 
-    async def stream_completion(self, req: p.CompletionRequest) -> AsyncIterator[str]:
-        """Start generating (errors here are HTTP errors), then return the stream of SSE data lines."""
+    async def stream_completion(self, req: p.CompletionRequest) -> Stream:
+        """Start generating (errors here are HTTP errors), then return the SSE data lines and a canceller."""
         gen, prepared = await self.start(req, self._completion_preparer(req))
         cid, created = p.new_id("cmpl"), p.now()
 
@@ -199,7 +199,7 @@ class Service:
                 gen.cancel()  # a disconnected client lands here: free its sequences
             yield "[DONE]"
 
-        return frames()
+        return frames(), gen.cancel
 
     # ---- chat ----
 
@@ -251,7 +251,7 @@ class Service:
             p.new_id("chatcmpl"), p.now(), req.model, choices, self.usage(gen), system_fingerprint=gen.fingerprint
         )
 
-    async def stream_chat(self, req: p.ChatCompletionRequest) -> AsyncIterator[str]:
+    async def stream_chat(self, req: p.ChatCompletionRequest) -> Stream:
         gen, _ = await self.start(req, self._chat_preparer(req))
         cid, created = p.new_id("chatcmpl"), p.now()
 
@@ -280,7 +280,12 @@ class Service:
                 gen.cancel()
             yield "[DONE]"
 
-        return frames()
+        return frames(), gen.cancel
+
+
+# The SSE data lines, and what cancels the generation: the HTTP layer calls it once the response is
+# over, a disconnect included (an abandoned async generator's `finally` would wait for the GC).
+Stream = tuple[AsyncIterator[str], Callable[[], None]]
 
 
 async def _collect(

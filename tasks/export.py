@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +12,7 @@ from typing import Literal
 
 from prefect import task
 
+from tasks.errors import PipelineError
 from tasks.logs import heartbeat, step_logger
 from tasks.workdir import atomic_output, output_cache_key
 
@@ -19,6 +23,8 @@ WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 DEFAULT_WEIGHT_FORMAT: dict[str, WeightFormat] = {"CPU": "fp16", "GPU": "int8", "NPU": "int4"}
 # int4 groups must divide every input width: 32 divides the tiny model's (128, 352) and SmolLM2's (576, 1536).
 INT4_GROUP_SIZE = 32
+# Below this much free space, a failed export is reported as a full disk (the IR of a 135 M model is 270 MB).
+LOW_DISK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -124,8 +130,17 @@ def export_step(
         fmt, types = read_weight_format(out_dir / "openvino_model.xml")
         log.info("IR already in %s (%s)", out_dir, fmt)
         return ExportResult(out_dir, fmt, types)
-    with atomic_output(out_dir) as tmp:
-        result = export_openvino(model_dir, tmp, weight_format, trust_remote_code=trust_remote_code)
+    try:
+        with atomic_output(out_dir) as tmp:
+            result = export_openvino(model_dir, tmp, weight_format, trust_remote_code=trust_remote_code)
+    except (OSError, RuntimeError) as e:
+        # OpenVINO's serializer reports a full disk as "basic_ios::clear: iostream error": say what it was.
+        free = shutil.disk_usage(out_dir.parent).free
+        if free < LOW_DISK_BYTES or getattr(e, "errno", None) == errno.ENOSPC:
+            raise PipelineError(
+                f"{os.strerror(errno.ENOSPC)} for {out_dir.parent} during export ({free >> 20} MiB free): {e}"
+            ) from e
+        raise
     return ExportResult(out_dir, result.weight_format, result.constant_types)
 
 
