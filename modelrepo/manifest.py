@@ -25,11 +25,16 @@ def sha256_file(path: Path) -> str:
 def hash_files(folder: str | os.PathLike[str]) -> dict[str, str]:
     """sha256 of every file below `folder` but the manifest, keyed by forward-slash relative path."""
     root = Path(folder)
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
+    return {rel: sha256_file(root / rel) for rel in _files(root)}
+
+
+def _files(root: Path) -> list[str]:
+    """Every file below `root` but the manifest, as forward-slash relative paths."""
+    return [
+        p.relative_to(root).as_posix()
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
-    }
+    ]
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -59,6 +64,6 @@ def verify_version(folder: str | os.PathLike[str]) -> list[str]:
             problems.append(f"{rel}: missing")
         elif sha256_file(p) != digest:
             problems.append(f"{rel}: sha256 differs from the manifest")
-    extra = sorted(set(hash_files(root)) - set(expected)) if len(problems) == 0 else []
+    extra = sorted(set(_files(root)) - set(expected)) if not problems else []
     problems += [f"{rel}: not in the manifest" for rel in extra]
     return problems

@@ -1,0 +1,63 @@
+"""Run a command and measure its wall time and peak memory (the summed RSS of its whole process tree)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+SAMPLE_S = 0.1
+
+
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    stdout: str
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 900) -> Measured:
+    """Run `cmd`, sampling its process tree's RSS every 0.1 s; stderr goes to `log`, stdout is returned.
+
+    Children count because a flow run starts a Prefect server of its own: what the user pays for.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, tree_rss(ps))
+                stop.wait(SAMPLE_S)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        wall = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+    return Measured(proc.returncode, wall, peak / 2**20, out.decode(errors="replace"))

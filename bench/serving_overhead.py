@@ -1,0 +1,94 @@
+"""Serving overhead (HTTP streaming vs the in-process engine) and the speed-up over transformers generate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.artifacts import Artifacts
+from bench.load import InProcessEngine, LoadResult, http_load
+from bench.plan import Figure, Plan, median
+from bench.prompts import PromptFactory
+from bench.server import Server
+
+MAX_ADDED_TTFT_MS = 5.0
+MIN_THROUGHPUT_RATIO = 0.95
+
+
+def _warm(engine: InProcessEngine, server: Server, model: str, prompts: PromptFactory) -> None:
+    """One short request each way first: the first inference allocates the KV cache and compiles kernels."""
+    engine.run(prompts.batch(2), 2, 4)
+    asyncio.run(http_load(server.url, [model], prompts.batch(2), 2, 4))
+
+
+def measure_overhead(
+    plan: Plan, art: Artifacts, server: Server, model: str, prompts: PromptFactory
+) -> tuple[list[Figure], dict[str, Any]]:
+    """Per concurrency, `repeats` pairs of runs on fresh prompts, engine and HTTP alternating which goes first."""
+    engine = InProcessEngine(art.merged_ir(0))
+    _warm(engine, server, model, prompts)
+    figures: list[Figure] = []
+    details: dict[str, Any] = {}
+    for c in plan.concurrencies:
+        n = plan.requests[c]
+        runs: dict[str, list[LoadResult]] = {"engine": [], "http": []}
+        for r in range(plan.repeats):
+            order = ["engine", "http"] if r % 2 == 0 else ["http", "engine"]
+            for kind in order:
+                batch = prompts.batch(n)
+                if kind == "engine":
+                    runs["engine"].append(engine.run(batch, c, plan.max_tokens))
+                else:
+                    runs["http"].append(asyncio.run(http_load(server.url, [model], batch, c, plan.max_tokens)))
+        e_tok, h_tok = median([x.tok_s for x in runs["engine"]]), median([x.tok_s for x in runs["http"]])
+        e_ttft, h_ttft = (median([x.ttft_p50 for x in runs[k]]) * 1000 for k in ("engine", "http"))
+        failed = sum(x.failed for x in runs["http"])
+        details[f"c{c}"] = {k: [x.summary() for x in v] for k, v in runs.items()}
+        figures.append(Figure(
+            f"serving.throughput.c{c}", f"HTTP streaming throughput, {c} client(s)", h_tok, e_tok, "tok/s",
+            "in-process ContinuousBatchingPipeline", f">= {MIN_THROUGHPUT_RATIO} (ratio)",
+            met=failed == 0 and h_tok / e_tok >= MIN_THROUGHPUT_RATIO,
+            note=f"{failed} failed requests" if failed else "",
+        ))
+        figures.append(Figure(
+            f"serving.ttft.c{c}", f"HTTP time to first token (p50), {c} client(s)", h_ttft, e_ttft, "ms",
+            "in-process ContinuousBatchingPipeline", f"<= {MAX_ADDED_TTFT_MS:g} ms added",
+            met=h_ttft - e_ttft <= MAX_ADDED_TTFT_MS,
+            extra={
+                "added_ms": round(h_ttft - e_ttft, 1),
+                # Where added time goes: the server's event loop answering /v2/health/live during the load,
+                # and how long a Python thread waits for the GIL while the engine steps, in-process.
+                "live_p50_ms": round(median([x.stalls()["stall_p50_ms"] for x in runs["http"]]), 1),
+                "live_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["http"]]), 1),
+                "engine_gil_wait_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["engine"]]), 1),
+            },
+        ))
+    del engine
+    return figures, details
+
+
+def measure_torch(
+    plan: Plan, art: Artifacts, http: dict[int, float], prompts: PromptFactory, log: Path
+) -> tuple[list[Figure], dict[str, Any]]:
+    """transformers generate (fp32, the merged HF folder) on the same load, in a subprocess; speed-up: ours/theirs."""
+    path = plan.work / "torch-prompts.json"
+    path.write_text(json.dumps({str(c): prompts.batch(plan.requests[c]) for c in plan.concurrencies}), encoding="utf-8")
+    cmd = [sys.executable, "-m", "bench.torch_load", "--model", str(art.merged0_hf), "--prompts", str(path),
+           "--max-tokens", str(plan.max_tokens)]
+    with open(log, "ab") as err:
+        out = subprocess.run(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=err, check=True, timeout=900)
+    body = json.loads(out.stdout)
+    figures = []
+    for c in plan.concurrencies:
+        theirs = body["results"][str(c)]
+        figures.append(Figure(
+            f"vs_torch.throughput.c{c}", f"speed-up over transformers generate, {c} client(s)", http[c],
+            theirs["tok_s"], "tok/s", f"transformers {body['dtype']} generate, batch of {c}",
+            extra={"torch_ttft_p50_ms": theirs["ttft_p50_ms"], "torch_threads": body["threads"][str(c)]["used"]},
+        ))
+    return figures, body
