@@ -95,6 +95,17 @@ async def test_a_deployment_runs_on_a_worker_publishes_and_reports(deployed: tup
     assert events and events[-1]["payload"]["version"] == 1 and events[-1]["resource"]["lora.version"] == "1"
 
 
+async def test_the_adapter_deployment_publishes_onto_the_built_base(deployed: tuple[Path, dict]) -> None:
+    project, env = deployed
+    if not (project / "models" / "index.json").exists():
+        _run_deployment(project, env, "build_model/base-model")
+    run_id = _run_deployment(project, env, "publish_adapter/spell-adapter")
+    state, _ = await _state_and_artifacts(run_id)
+    assert state == "COMPLETED"
+    entry = json.loads((project / "models" / "index.json").read_text())["models"]["spell_adapter"]
+    assert (entry["kind"], entry["base"], entry["alpha"]) == ("adapter", "base_model", 2.0)
+
+
 async def test_a_second_run_without_upstream_change_is_up_to_date(deployed: tuple[Path, dict]) -> None:
     project, env = deployed
     index = project / "models" / "index.json"
