@@ -62,6 +62,35 @@ class ValidationReport:
     min_changed: int
     failures: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of_rows(
+        cls,
+        kind: str,
+        weight_format: str,
+        prompts: Path,
+        rows: list[Row],
+        agreement: float,
+        *,
+        max_gap: float,
+        gap_measure: str,
+        min_changed_fraction: float,
+    ) -> ValidationReport:
+        """The report over `rows`, judged against the thresholds of `weight_format`."""
+        return cls(
+            kind=kind,
+            weight_format=weight_format,
+            prompts=str(prompts),
+            rows=rows,
+            agreement=agreement,
+            max_logit_gap=max(r.logit_gap for r in rows),
+            gap=max(r.gap for r in rows),
+            min_agreement=MIN_AGREEMENT[weight_format],
+            max_gap=max_gap,
+            gap_measure=gap_measure,
+            changed=sum(r.changed for r in rows),
+            min_changed=min_changed(len(rows), min_changed_fraction),
+        ).judge()
+
     @property
     def passed(self) -> bool:
         return not self.failures
@@ -261,21 +290,16 @@ def validate_ir(
         tokens_total += len(cont)
         log.info("validated prompt %d/%d: agreement %.3f, logit gap %.3g", i, len(prompts), agree / len(cont), gap)
 
-    changed = sum(r.changed for r in rows)
-    return ValidationReport(
-        kind="merged" if adapter_dirs else "base",
-        weight_format=weight_format,
-        prompts=str(prompts_path),
-        rows=rows,
-        agreement=agree_total / tokens_total,
-        max_logit_gap=max(r.logit_gap for r in rows),
-        gap=max(r.gap for r in rows),
-        min_agreement=MIN_AGREEMENT[weight_format],
+    return ValidationReport.of_rows(
+        "merged" if adapter_dirs else "base",
+        weight_format,
+        prompts_path,
+        rows,
+        agree_total / tokens_total,
         max_gap=MAX_RELATIVE_GAP[weight_format],
         gap_measure="of the reference's logit range",
-        changed=changed,
-        min_changed=min_changed(len(rows), min_changed_fraction),
-    ).judge()
+        min_changed_fraction=min_changed_fraction,
+    )
 
 
 def min_changed(prompts: int, fraction: float) -> int:

@@ -12,13 +12,11 @@ from tasks.logs import step_logger
 from tasks.merge import load_base, load_tokenizer
 from tasks.validate import (
     MAX_NEW_TOKENS,
-    MIN_AGREEMENT,
     Row,
     ValidationReport,
     _greedy,
     _reference_model,
     load_prompts,
-    min_changed,
     publish_report,
 )
 
@@ -108,20 +106,16 @@ def validate_runtime_adapter(
         agree_total += agree
         tokens_total += len(cont)
         log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), agree / len(cont), gap)
-    return ValidationReport(
-        kind="adapter",
-        weight_format=weight_format,
-        prompts=str(prompts_path),
-        rows=rows,
-        agreement=agree_total / tokens_total,
-        max_logit_gap=max(r.logit_gap for r in rows),
-        gap=max(r.gap for r in rows),
-        min_agreement=MIN_AGREEMENT[weight_format],
+    return ValidationReport.of_rows(
+        "adapter",
+        weight_format,
+        prompts_path,
+        rows,
+        agree_total / tokens_total,
         max_gap=MAX_LOGPROB_GAP[weight_format],
         gap_measure="in the log-probability of the greedy token",
-        changed=sum(r.changed for r in rows),
-        min_changed=min_changed(len(rows), min_changed_fraction),
-    ).judge()
+        min_changed_fraction=min_changed_fraction,
+    )
 
 
 def validate_adapter_step(
