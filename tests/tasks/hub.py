@@ -79,13 +79,20 @@ class FakeHub:
                     return self._file("/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2 :]))
                 self._error(404, "RepoNotFound")
 
-            def _info(self, repo_id: str, revision: str) -> None:
+            def _lookup(self, repo_id: str, revision: str) -> tuple[str, Path] | None:
+                """The commit and folder of a repo at a revision, or None after answering 404 as the hub does."""
                 repo = hub.repos.get(repo_id)
                 if repo is None:
-                    return self._error(404, "RepoNotFound")
+                    self._error(404, "RepoNotFound")
+                    return None
                 found = repo.find(revision)
                 if found is None:
-                    return self._error(404, "RevisionNotFound")
+                    self._error(404, "RevisionNotFound")
+                return found
+
+            def _info(self, repo_id: str, revision: str) -> None:
+                if (found := self._lookup(repo_id, revision)) is None:
+                    return None
                 sha, folder = found
                 files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
                 body = json.dumps(
@@ -104,12 +111,8 @@ class FakeHub:
                 self.wfile.write(body)
 
             def _file(self, repo_id: str, revision: str, filename: str) -> None:
-                repo = hub.repos.get(repo_id)
-                if repo is None:
-                    return self._error(404, "RepoNotFound")
-                found = repo.find(revision)
-                if found is None:
-                    return self._error(404, "RevisionNotFound")
+                if (found := self._lookup(repo_id, revision)) is None:
+                    return None
                 sha, folder = found
                 path = folder / filename
                 if not path.is_file() or folder.resolve() not in path.resolve().parents:
