@@ -195,8 +195,6 @@ class Service:
                 self.record(gen, "completions")
             except ServingError as e:
                 yield error_frame(e, self.metrics, req.model)
-            finally:
-                gen.cancel()  # a disconnected client lands here: free its sequences
             yield "[DONE]"
 
         return frames(), gen.cancel
@@ -276,8 +274,6 @@ class Service:
                 self.record(gen, "chat/completions")
             except ServingError as e:
                 yield error_frame(e, self.metrics, req.model)
-            finally:
-                gen.cancel()
             yield "[DONE]"
 
         return frames(), gen.cancel
