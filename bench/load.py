@@ -96,7 +96,7 @@ class InProcessEngine:
     def __init__(self, folder: Path, adapters: list[tuple[Path, float]] | None = None) -> None:
         import openvino_genai as ov_genai
 
-        from serving.engine import EngineSettings
+        from serving.engine_core import EngineSettings
 
         defaults = EngineSettings()  # the server's own defaults, so both run the same scheduler
         scheduler = ov_genai.SchedulerConfig()

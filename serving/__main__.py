@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from serving.app import Settings, create_app
-from serving.engine import EngineSettings
+from serving.engine_core import EngineSettings
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -25,7 +25,8 @@ from litestar.response import ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving import protocol as p
-from serving.engine import Engine, EngineSettings, load_engine
+from serving.engine import Engine, load_engine
+from serving.engine_core import EngineSettings
 from serving.errors import (
     EngineFailure,
     InvalidParameter,

@@ -95,3 +95,7 @@ class EngineFailure(ServingError):
     status_code = 500
     type = "server_error"
     code = "engine_error"
+
+
+class EngineClosed(NotReady):
+    """The engine was retired by a reload or its process stopped: the model is looked up again, then 503."""

@@ -10,7 +10,8 @@ metrics show it), and the name keeps the route it had.
 
 Changes are noticed by watchfiles on the repository folder (index.json is replaced atomically by
 every publish, rollback and removal) and, for storage where file events are unreliable, by
-comparing the index's generation number every `poll_interval` seconds.
+comparing the index's generation number every `poll_interval` seconds. The same poll rebuilds an
+engine whose process died (a crash, the OOM killer): its names answer 503 until it is back.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import watchfiles
 
 import modelrepo
 from modelrepo import Entry, Index
-from serving.engine import AdapterSpec, Engine, EngineSettings, load_engine
+from serving.engine import Engine, load_engine
+from serving.engine_core import AdapterSpec, EngineSettings
 from serving.errors import ModelNotFound, NotReady
 from serving.modelinfo import ADAPTER_WEIGHTS
 
@@ -127,12 +129,21 @@ class Registry:
                 self.failures["index.json"] = Failure(0, str(e))
                 return False
             self.failures.pop("index.json", None)
-            if index.generation == self.generation and self.table and not force:
+            restart = self._forget_dead_engines()
+            if index.generation == self.generation and self.table and not force and not restart:
                 return False
             await self._apply(index)
             self.generation = index.generation
             self.reloads += 1
             return True
+
+    def _forget_dead_engines(self) -> bool:
+        """Drop the engines whose process died, so the reload builds them again; True if any serves."""
+        for key, engine in list(self._engines.items()):
+            if engine.dead:
+                log.error("%s v%s: its engine process died; starting a new one", engine.name, engine.version)
+                del self._engines[key]
+        return any(r.engine.dead for r in self.table.values())
 
     async def _apply(self, index: Index) -> None:
         old = self.table

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from serving import protocol as p
-from serving.engine import Delta, EngineClosed, Failed, Finished, Request
-from serving.errors import ClientClosed, EngineFailure, InvalidParameter, ServingError
+from serving.engine import Request
+from serving.engine_core import Delta, Failed, Finished
+from serving.errors import ClientClosed, EngineClosed, EngineFailure, InvalidParameter, ServingError
 from serving.metrics import Metrics
 from serving.registry import Registry, Route
 

@@ -1,8 +1,9 @@
 """Faults: each leaves the previous version serving and nothing half-published.
 
 The build flow SIGKILLed inside each step, a version corrupted after publishing, a truncated or
-invalid index, no disk space during export, the server killed and restarted under load. A real
-server watches the repository throughout and must keep giving the same answers.
+invalid index, no disk space during export, the server killed and restarted under load, an engine
+process killed under load. A real server watches the repository throughout and must keep giving
+the same answers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 import modelrepo
@@ -357,8 +359,12 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
         for t in threads:
             t.start()
         time.sleep(1.5)
+        engines = engine_processes(server.process.pid)
         server.process.kill()  # SIGKILL: no shutdown code runs, requests in flight are cut
         server.process.wait(timeout=60)
+        # its engine processes see their socket close and exit: no orphan holds a model in memory
+        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engines),
+                 what="the killed server's engine processes to exit")
         server.process = start_on_port(repository, port, log)
         wait_for(lambda: _ready(url), timeout=120, what="the server to come back")
         time.sleep(1.5)
@@ -376,6 +382,59 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
     assert tree_digest(repository) == digest  # the server never writes to the repository
 
 
+def engine_processes(server_pid: int) -> list[psutil.Process]:
+    """The server's live engine processes (a killed one is a zombie until the server reaps it)."""
+    found = []
+    for p in psutil.Process(server_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE and "serving.engine_process" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
+
+
+def test_an_engine_process_killed_under_load_is_replaced_and_answers_the_same(
+    start_server, demo_repository: DemoRepository, tmp_path: Path
+) -> None:
+    server = start_server(demo_repository.copy_to(tmp_path / "repository"))
+    jobs = [(m, REFERENCE_PROMPT) for m in LIVE]
+    expected = {job: greedy(server, *job) for job in jobs}
+    engines = engine_processes(server.process.pid)
+    assert len(engines) == len(LIVE), engines
+    stop = threading.Event()
+    answers: list[tuple[tuple[str, str], str]] = []
+    retries: list[str] = []
+
+    def client(i: int) -> None:
+        n = i
+        while not stop.is_set():
+            job = jobs[n % len(jobs)]
+            n += 1
+            answers.append((job, _ask_until_answered(server.url, job, retries, also_retry="engine_error")))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for p in engines:
+            p.kill()  # the OOM killer, say: requests in flight fail, the server stays up
+        wait_for(lambda: len(engine_processes(server.process.pid)) == len(LIVE), what="new engine processes")
+        for job in jobs:  # each model answers again
+            _ask_until_answered(server.url, job, [], patience=60, also_retry="engine_error")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert server.process.poll() is None
+    assert not {p.pid for p in engines} & {p.pid for p in engine_processes(server.process.pid)}
+    wrong = [(job, text) for job, text in answers if text != expected[job]]
+    print(f"\nengine kill: {len(answers)} answers, retried after {sorted(set(retries))}")
+    assert retries, "no client saw the engines go: the kill did not happen under load"
+    assert not wrong, wrong[:3]
+    assert "died; starting a new one" in server.logs()
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
@@ -383,8 +442,11 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _ask_until_answered(url: str, job: tuple[str, str], retries: list[str], patience: float = 120) -> str:
-    """A client with retries: a refused connection, a dropped one or a 503 is tried again after a pause."""
+def _ask_until_answered(
+    url: str, job: tuple[str, str], retries: list[str], patience: float = 120, also_retry: str | None = None
+) -> str:
+    """A client with retries: a refused connection, a dropped one or a 503 is tried again after a pause
+    (and an error with the code `also_retry`)."""
     model, prompt = job
     body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
     deadline = time.monotonic() + patience
@@ -393,8 +455,10 @@ def _ask_until_answered(url: str, job: tuple[str, str], retries: list[str], pati
             r = httpx.post(f"{url}/v3/completions", json=body, timeout=30)
             if r.status_code == 200:
                 return r.json()["choices"][0]["text"]
-            assert r.status_code == 503, r.text  # not ready yet, or shutting down: anything else is a failure
-            retries.append("503")
+            code = r.json()["error"]["code"]
+            # not ready yet, or shutting down: anything else is a failure
+            assert r.status_code == 503 or code == also_retry, r.text
+            retries.append(f"{r.status_code} {code}")
         except httpx.TransportError as e:
             retries.append(type(e).__name__)
         assert time.monotonic() < deadline, f"no answer for {job} in {patience} s"

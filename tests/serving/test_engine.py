@@ -1,9 +1,12 @@
-"""The engine in process: its adapter scheduler is fair, exact, and drops what its clients abandon."""
+"""The engine without HTTP: its adapter scheduler is fair and exact, it drops what its clients abandon, and it
+survives a failed step and reports a dead process."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +15,19 @@ import pytest
 
 import modelrepo
 from demo.data import REFERENCE_PROMPT
-from serving.engine import AdapterSpec, Delta, Engine, EngineSettings, Failed, Finished, Request
+from serving.engine import Engine, Request
+from serving.engine_core import (
+    AdapterSpec,
+    Delta,
+    EngineCore,
+    EngineSettings,
+    Failed,
+    Finished,
+    Job,
+    build_config,
+    config_fields,
+)
+from serving.errors import EngineClosed
 from tests.support import DemoRepository
 
 pytestmark = pytest.mark.slow
@@ -130,16 +145,62 @@ class _FailingOnce:
         return getattr(self.pipe, name)
 
 
-async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine: Engine) -> None:
-    expected = await _run(engine, REFERENCE_PROMPT, None)
-    real = engine._pipe
-    engine._pipe = _FailingOnce(real)
+def _core_text(core: EngineCore, job: Job) -> str:
+    assert core.add(job) == []
+    parts: list[str] = []
+    while True:
+        for job_id, event in core.step():
+            assert job_id == job.id
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            else:
+                assert isinstance(event, Finished), event
+                return "".join(parts)
+
+
+def test_a_failed_step_fails_its_requests_and_the_core_goes_on(demo_repository: DemoRepository) -> None:
+    repo = demo_repository.root
+    base = modelrepo.read_index(repo).entries["base_model"]
+    core = EngineCore(repo / base.path, [], EngineSettings())
+    tokenizer = ov_genai.Tokenizer(str(repo / base.path))
+    config = ov_genai.GenerationConfig(str(repo / base.path / "generation_config.json"))
+    config.max_new_tokens = 30
+    ids = list(tokenizer.encode(REFERENCE_PROMPT).input_ids.data[0])
+    expected = _core_text(core, Job(0, ids, config_fields(config), None))
+    core._pipe = _FailingOnce(core._pipe)
+    assert core.add(Job(1, ids, config_fields(config), None)) == []
+    [(job_id, event)] = core.step()
+    assert job_id == 1 and isinstance(event, Failed) and "device lost" in event.message
+    assert not core.busy
+    assert _core_text(core, Job(2, ids, config_fields(config), None)) == expected
+
+
+def test_a_generation_config_crosses_the_process_boundary_unchanged() -> None:
+    config = ov_genai.GenerationConfig()
+    config.max_new_tokens, config.do_sample, config.temperature, config.top_p, config.top_k = 17, True, 0.7, 0.9, 5
+    config.rng_seed, config.stop_strings, config.stop_token_ids, config.logprobs = 42, {"END", ";"}, {2, 3}, 1
+    config.presence_penalty, config.frequency_penalty, config.repetition_penalty = 0.5, 0.25, 1.1
+    config.ignore_eos, config.include_stop_str_in_output, config.min_p = True, True, 0.05
+    fields = config_fields(config)
+    assert fields["stop_strings"] == {"END", ";"} and fields["rng_seed"] == 42
+    assert config_fields(build_config(fields)) == fields
+
+
+async def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(demo_repository: DemoRepository) -> None:
+    repo = demo_repository.root
+    base = modelrepo.read_index(repo).entries["base_model"]
+    engine = Engine("base_model", base.version, repo / base.path, [], EngineSettings())
     try:
+        assert await _run(engine, REFERENCE_PROMPT, None)
+        # Frozen, the engine cannot finish the request before it dies: the kill always finds it in flight.
+        os.kill(engine._process.pid, signal.SIGSTOP)
         r = _request(engine, REFERENCE_PROMPT, None, 30)
         engine.submit(r)
-        _, event = await asyncio.wait_for(r.events.get(), 10)
-        assert isinstance(event, Failed) and "device lost" in event.message
-        assert await _run(engine, REFERENCE_PROMPT, None) == expected
-        assert engine.pending == 0
+        os.kill(engine._process.pid, signal.SIGKILL)  # the OOM killer, say
+        _, event = await asyncio.wait_for(r.events.get(), 30)
+        assert isinstance(event, Failed) and "engine process exited" in event.message, event
+        assert engine.dead and engine.pending == 0
+        with pytest.raises(EngineClosed):
+            engine.submit(_request(engine, REFERENCE_PROMPT, None, 5))
     finally:
-        engine._pipe = real
+        engine.close()

@@ -13,7 +13,8 @@ from litestar.testing import TestClient
 
 import modelrepo
 from serving.app import Settings, create_app
-from serving.engine import Delta, EngineSettings, Failed, Finished, Request
+from serving.engine import Request
+from serving.engine_core import Delta, EngineSettings, Failed, Finished
 from serving.modelinfo import ModelInfo
 
 
@@ -45,15 +46,14 @@ class FakeEngine:
         self.info = ModelInfo(folder=folder, context_length=64)
         self.tokenizer = FakeTokenizer()
         self.pending = self.running = self.cancelled = self.switches = 0
-        self.released = False
+        self.released = self.dead = False
 
     def submit(self, r: Request) -> None:
-        r.push(Delta("ok", []))
-        if 7 in r.prompt_ids:  # len("explode")
-            r.push(Failed("the device was lost"))
-            return
-        r.push(Delta(" ok", []))
-        r.push(Finished("stop", len(r.prompt_ids), 2))
+        events = [Delta("ok", []), Failed("the device was lost")] if 7 in r.prompt_ids else [  # len("explode")
+            Delta("ok", []), Delta(" ok", []), Finished("stop", len(r.prompt_ids), 2)
+        ]
+        for e in events:
+            r.loop.call_soon_threadsafe(r.events.put_nowait, (r.index, e))
 
     def cancel(self, r: Request) -> None:
         self.cancelled += 1
