@@ -92,7 +92,7 @@ class Engine:
         self.steps = self.switches = self.cancelled = self.running = 0
         self._process, self._conn = _start_process()
         try:
-            self._conn.send((f"{name} v{version}", folder, adapters, settings))
+            self._conn.send((f"{name} v{version}", logging.getLogger().getEffectiveLevel(), folder, adapters, settings))
             kind, message = self._conn.recv()
         except (EOFError, OSError):
             kind, message = "failed", "the engine process exited while loading"
