@@ -5,7 +5,8 @@
 Runs `python -m serving` under cProfile (wall clock, main thread: the asyncio loop), sends one
 closed-loop load of streaming requests, stops the server and prints the functions with the most
 time of their own. A syscall that releases the GIL (socket send, os.urandom) shows the time the
-loop then waited to get the GIL back from the engine thread.
+loop then waited to get the GIL back from another thread of the server (the engines run in
+processes of their own: profile those with py-spy).
 """
 
 from __future__ import annotations
