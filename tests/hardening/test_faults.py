@@ -344,33 +344,19 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
     try:
         wait_for(lambda: _ready(url), timeout=120, what="the server to start")
         expected = {job: greedy(server, *job) for job in jobs}
-        stop = threading.Event()
         answers: list[tuple[tuple[str, str], str]] = []
         retries: list[str] = []
-
-        def client(i: int) -> None:
-            n = i
-            while not stop.is_set():
-                job = jobs[n % len(jobs)]
-                n += 1
-                answers.append((job, _ask_until_answered(url, job, retries)))
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        engines = engine_processes(server.process.pid)
-        server.process.kill()  # SIGKILL: no shutdown code runs, requests in flight are cut
-        server.process.wait(timeout=60)
-        # its engine processes see their socket close and exit: no orphan holds a model in memory
-        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engines),
-                 what="the killed server's engine processes to exit")
-        server.process = start_on_port(repository, port, log)
-        wait_for(lambda: _ready(url), timeout=120, what="the server to come back")
-        time.sleep(1.5)
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        with clients_asking(url, jobs, 8, answers, retries):
+            time.sleep(1.5)
+            engines = engine_processes(server.process.pid)
+            server.process.kill()  # SIGKILL: no shutdown code runs, requests in flight are cut
+            server.process.wait(timeout=60)
+            # its engine processes see their socket close and exit: no orphan holds a model in memory
+            wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engines),
+                     what="the killed server's engine processes to exit")
+            server.process = start_on_port(repository, port, log)
+            wait_for(lambda: _ready(url), timeout=120, what="the server to come back")
+            time.sleep(1.5)
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
@@ -400,21 +386,9 @@ def test_an_engine_process_killed_under_load_is_replaced_and_answers_the_same(
     expected = {job: greedy(server, *job) for job in jobs}
     engines = engine_processes(server.process.pid)
     assert len(engines) == len(LIVE), engines
-    stop = threading.Event()
     answers: list[tuple[tuple[str, str], str]] = []
     retries: list[str] = []
-
-    def client(i: int) -> None:
-        n = i
-        while not stop.is_set():
-            job = jobs[n % len(jobs)]
-            n += 1
-            answers.append((job, _ask_until_answered(server.url, job, retries, also_retry="engine_error")))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    try:
+    with clients_asking(server.url, jobs, 6, answers, retries, also_retry="engine_error"):
         time.sleep(1.0)
         for p in engines:
             p.kill()  # the OOM killer, say: requests in flight fail, the server stays up
@@ -422,10 +396,6 @@ def test_an_engine_process_killed_under_load_is_replaced_and_answers_the_same(
         for job in jobs:  # each model answers again
             _ask_until_answered(server.url, job, [], patience=60, also_retry="engine_error")
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
     assert server.process.poll() is None
     assert not {p.pid for p in engines} & {p.pid for p in engine_processes(server.process.pid)}
     wrong = [(job, text) for job, text in answers if text != expected[job]]
@@ -433,6 +403,36 @@ def test_an_engine_process_killed_under_load_is_replaced_and_answers_the_same(
     assert retries, "no client saw the engines go: the kill did not happen under load"
     assert not wrong, wrong[:3]
     assert "died; starting a new one" in server.logs()
+
+
+@contextlib.contextmanager
+def clients_asking(
+    url: str,
+    jobs: list[tuple[str, str]],
+    clients: int,
+    answers: list[tuple[tuple[str, str], str]],
+    retries: list[str],
+    also_retry: str | None = None,
+) -> Iterator[None]:
+    """`clients` threads asking `jobs` in turn with retries (`_ask_until_answered`) while the block runs."""
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        n = i
+        while not stop.is_set():
+            job = jobs[n % len(jobs)]
+            n += 1
+            answers.append((job, _ask_until_answered(url, job, retries, also_retry=also_retry)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
 
 
 def _ready(url: str) -> bool:
