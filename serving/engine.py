@@ -55,8 +55,8 @@ class Request:
     first_token_at: float | None = None  # time.monotonic() when its first text arrived
 
 
-def _deliver(batch: list[tuple[Request, Event]]) -> None:
-    """Runs on the request's event loop."""
+def _put_events(batch: list[tuple[Request, Event]]) -> None:
+    """Runs on the requests' event loop: into their queues."""
     now = time.monotonic()
     for r, e in batch:
         if isinstance(e, Delta) and r.first_token_at is None:
@@ -233,7 +233,7 @@ class Engine:
             by_loop.setdefault(r.loop, []).append((r, e))
         for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-                loop.call_soon_threadsafe(_deliver, batch)
+                loop.call_soon_threadsafe(_put_events, batch)
 
 
 def _start_process() -> tuple[subprocess.Popen, Connection]:

@@ -1,4 +1,4 @@
-"""The engine process: one EngineCore, driven by the commands the server sends over a pipe.
+"""The engine process: one EngineCore, driven by the commands the server sends over a socket.
 
 Why a process: `ContinuousBatchingPipeline.step()` holds the GIL for the whole step (the binding
 does not release it; `generate()` does). In the server's process, every step stalled the event
