@@ -96,13 +96,18 @@ class InProcessEngine:
     def __init__(self, folder: Path, adapters: list[tuple[Path, float]] | None = None) -> None:
         import openvino_genai as ov_genai
 
+        from modelrepo.numerics import default_numerics
         from serving.engine_core import EngineSettings
+        from serving.modelinfo import read_model_info
 
         defaults = EngineSettings()  # the server's own defaults, so both run the same scheduler
         scheduler = ov_genai.SchedulerConfig()
         scheduler.max_num_seqs = defaults.max_num_seqs
         scheduler.max_num_batched_tokens = defaults.max_num_batched_tokens
-        properties: dict[str, Any] = {}
+        scheduler.enable_prefix_caching = False
+        # The version's pinned numerics, as the server applies them: both sides of a ratio compute alike.
+        self.numerics = read_model_info(folder).numerics or default_numerics()
+        properties: dict[str, Any] = dict(self.numerics.plugin_config())
         self.adapters: list[Any] = []
         if adapters:
             config = ov_genai.AdapterConfig()

@@ -34,10 +34,14 @@ def machine() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    from modelrepo.numerics import capabilities, default_numerics
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "openvino_capabilities": capabilities(),
+        "numerics": str(default_numerics()),
         "avx512": any(f.startswith("avx512") for f in flags),
         "amx": any(f.startswith("amx") for f in flags),
         "python": platform.python_version(),
@@ -89,6 +93,9 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, AVX-512 {'yes' if m['avx512'] else 'no'}; "
         f"Python {m['python']}.",
+        f"- Numerics: every OpenVINO side of a ratio computes with {m.get('numerics', '?')} (pinned by the version, "
+        f"applied by server and in-process engine alike; OPTIMIZATION_CAPABILITIES "
+        f"{' '.join(m.get('openvino_capabilities', []))}); the transformers baseline in fp32.",
         f"- Load average (1, 5, 15 min) at start {body['load_average']['start']}, "
         f"at end {body['load_average']['end']}: other processes on the machine skew the figures.",
         "- Libraries: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",

@@ -1,13 +1,15 @@
 """The build_model flow: base model + LoRA adapters -> merged, exported, validated, published.
 
     python -m flows.build_model --source-model demo-sources/base --adapter demo-sources/adapters/sql \\
-        --model-name merged_model --repository models [--weight-format fp16 | --target-device GPU]
+        --model-name merged_model --repository models [--weight-format fp16 | --target-device GPU] \\
+        [--inference-precision auto|f32|bf16 --kv-cache-precision auto|u8|f32 ...]
     python -m flows.build_model --source-model demo-sources/base --model-name base_model --repository models
 
 Sources are local folders or hub ids, pinned with @revision (org/name@v1.0 or @<commit sha>).
 Re-running with the same inputs reuses finished steps (Prefect caching keyed on the resolved
 revisions and file hashes) and publishes nothing new while an identical build is live, unless
---overwrite is given.
+--overwrite is given. The version pins its numerics (compute and KV-cache precision, dynamic
+quantization): validated with them, recorded in the manifest and graph.pbtxt, applied by servers.
 """
 
 from __future__ import annotations
@@ -15,20 +17,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 import modelrepo
 from flows.cli import run
+from modelrepo.numerics import INFERENCE_PRECISIONS, KV_CACHE_PRECISIONS, resolve
 from tasks.errors import SourceError
 from tasks.export import TargetDevice, WeightFormat, export, resolve_weight_format
 from tasks.logs import Progress, step_logger
 from tasks.merge import merge
 from tasks.publish import Published, build_key, make_manifest, publish, tool_versions, up_to_date
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
-from tasks.validate import DEFAULT_PROMPTS, validate
+from tasks.validate import DEFAULT_PROMPTS, require_computable, validate
 from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key
 
 
@@ -56,11 +59,18 @@ def build_model(
     trust_remote_code: bool = False,
     retention: int = 3,
     work_dir: Path | None = None,
+    inference_precision: Literal["auto", "f32", "bf16", "f16"] = "auto",
+    kv_cache_precision: Literal["auto", "u8", "f16", "bf16", "f32"] = "auto",
+    dynamic_quantization_group_size: str = "auto",
 ) -> Published:
     """Resolve and fetch the sources, merge the adapters in order, export, validate, publish."""
     log = step_logger(__name__)
     modelrepo.check_name(model_name)
     fmt = resolve_weight_format(weight_format, target_device)
+    numerics = resolve(inference_precision, kv_cache_precision, str(dynamic_quantization_group_size))
+    # Before any work: a CPU that cannot compute the pinned precision cannot validate it.
+    require_computable(numerics)
+    log.info("numerics pinned for %s: %s", model_name, numerics)
     adapters = adapters or []
     work = work_dir or default_work_dir()
     prompts = Path(prompts or DEFAULT_PROMPTS)
@@ -73,7 +83,7 @@ def build_model(
     adapter_sources = [resolve_source(a, "adapter", **flags) for a in adapters]
     tok = resolve_source(tokenizer, "tokenizer", **flags) if tokenizer else None
     pinned = [base.revision, [a.revision for a in adapter_sources], tok.revision if tok else None, flags]
-    key = build_key([*pinned, file_digest(prompts)], fmt, target_device, tool_versions())
+    key = build_key([*pinned, file_digest(prompts), numerics.to_json()], fmt, target_device, tool_versions())
     if not overwrite and (live := up_to_date(repository, model_name, key)):
         log.info(
             "%s is up to date: version %d was built from the same inputs (--overwrite publishes anyway)",
@@ -102,6 +112,7 @@ def build_model(
         adapter_dirs,
         prompts,
         ir.weight_format,
+        numerics,
         model_name,
         tok_dir,
         trust_remote_code=trust_remote_code,
@@ -111,6 +122,7 @@ def build_model(
         key=key,
         sources=describe_sources(base, list(zip(adapter_sources, adapter_dirs, strict=True)), tok),
         weight_format=ir.weight_format,
+        numerics=numerics,
         constant_types=ir.constant_types,
         target_device=target_device,
         tools=tool_versions(),
@@ -143,6 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         help="default: from --target-device (CPU fp16, GPU int8)",
     )
     p.add_argument("--target-device", default="CPU", choices=["CPU", "GPU", "NPU"])
+    p.add_argument(
+        "--inference-precision",
+        default="auto",
+        choices=["auto", *INFERENCE_PRECISIONS],
+        help="the precision the version is computed in, pinned (auto: f32, or $LORA_INFERENCE_PRECISION)",
+    )
+    p.add_argument(
+        "--kv-cache-precision",
+        default="auto",
+        choices=["auto", *KV_CACHE_PRECISIONS],
+        help="the KV cache's element type, pinned (auto: u8)",
+    )
+    p.add_argument(
+        "--dynamic-quantization-group-size",
+        default="auto",
+        help="activation quantization group for int8/int4 weights, pinned; 0 turns it off (auto: 32)",
+    )
     p.add_argument("--model-name", required=True, help="the served name")
     p.add_argument("--repository", required=True, type=Path, help="the model repository folder")
     p.add_argument("--prompts", type=Path, help=f"validation prompts, JSONL (default {DEFAULT_PROMPTS.name})")
@@ -168,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         trust_remote_code=a.trust_remote_code,
         retention=a.retention,
         work_dir=a.work_dir,
+        inference_precision=a.inference_precision,
+        kv_cache_precision=a.kv_cache_precision,
+        dynamic_quantization_group_size=a.dynamic_quantization_group_size,
     )
 
 

@@ -20,12 +20,13 @@ from prefect.runtime import flow_run
 
 import modelrepo
 from flows.cli import run
+from modelrepo.numerics import default_numerics, pinned
 from tasks.adapter import check_fit, stage
 from tasks.errors import PipelineError, SourceError
 from tasks.logs import step_logger
 from tasks.publish import Published, build_key, live_build, make_manifest, publish, tool_versions, up_to_date
 from tasks.sources import fetch_source, resolve_source, snapshot_path
-from tasks.validate import DEFAULT_PROMPTS
+from tasks.validate import DEFAULT_PROMPTS, require_computable
 from tasks.validate_adapter import validate_adapter
 from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key
 
@@ -69,6 +70,9 @@ def publish_adapter(
     if not prompts.is_file():
         raise SourceError(f"prompt set {prompts}: no such file")
     weight_format = base_manifest.get("weight_format", "fp16")
+    # The adapter runs on the base's engine: it is validated, and served, with the base's numerics.
+    numerics = pinned(base_manifest) or default_numerics()
+    require_computable(numerics)
 
     source = resolve_source(adapter, "adapter", allow_pickle=allow_pickle)
     base_src = resolve_source(spec, "base")
@@ -78,7 +82,13 @@ def publish_adapter(
             f"which is now {base_src.revision}: pass the original base with --base-source"
         )
     key = build_key(
-        [source.revision, entry.path, base_manifest.get("build", {}).get("key"), file_digest(prompts)],
+        [
+            source.revision,
+            entry.path,
+            base_manifest.get("build", {}).get("key"),
+            file_digest(prompts),
+            numerics.to_json(),
+        ],
         weight_format,
         "runtime-adapter",
         tool_versions(),
@@ -92,7 +102,9 @@ def publish_adapter(
     fit = check_fit(base_dir, adapter_dir, allow_pickle=allow_pickle)
     log.info("%s fits %s: rank %d, scale %g (lora_alpha %g / r)", adapter, base, fit.rank, fit.scale, fit.lora_alpha)
     staged = stage(adapter_dir, work / f"adapter-{input_key(source.revision)}", allow_pickle=allow_pickle)
-    report = validate_adapter(repository / entry.path, base_dir, staged, fit.scale, prompts, weight_format, name)
+    report = validate_adapter(
+        repository / entry.path, base_dir, staged, fit.scale, prompts, weight_format, numerics, name
+    )
     manifest = make_manifest(
         key=key,
         sources={
@@ -100,6 +112,7 @@ def publish_adapter(
             "base": {"name": base, "version": entry.version, "source": base_src.describe()},
         },
         weight_format=weight_format,
+        numerics=numerics,
         constant_types={},
         target_device=base_manifest.get("target_device", "CPU"),
         tools=tool_versions(),

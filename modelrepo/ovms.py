@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from modelrepo.index import Index, write_atomic
+from modelrepo.numerics import Numerics
 
 CONFIG = "config.json"
 GRAPH = "graph.pbtxt"
@@ -30,7 +31,7 @@ node: {{
   node_options: {{
       [type.googleapis.com / mediapipe.LLMCalculatorOptions]: {{
           models_path: "./",
-          plugin_config: '{{ }}',
+          plugin_config: '{plugin_config}',
           enable_prefix_caching: false,
           cache_size: 10,
           max_num_seqs: 256,
@@ -51,8 +52,10 @@ node: {{
 """
 
 
-def write_graph(folder: Path, device: str) -> None:
-    (folder / GRAPH).write_text(_GRAPH_TEMPLATE.format(device=device), encoding="utf-8")
+def write_graph(folder: Path, device: str, numerics: Numerics | None = None) -> None:
+    """graph.pbtxt; its plugin_config carries the version's pinned numerics, so OVMS computes as validated."""
+    config = json.dumps(numerics.plugin_config() if numerics else {})
+    (folder / GRAPH).write_text(_GRAPH_TEMPLATE.format(device=device, plugin_config=config), encoding="utf-8")
 
 
 def write_config(repository: Path, index: Index) -> None:

@@ -18,6 +18,7 @@ from modelrepo.errors import RepositoryError
 from modelrepo.index import INDEX, Entry, Index, Kind, fsync_dir, read_index, write_atomic
 from modelrepo.manifest import MANIFEST, hash_files
 from modelrepo.names import check_name
+from modelrepo.numerics import pinned
 from modelrepo.ovms import write_config, write_graph
 
 LOCK = ".lock"
@@ -89,7 +90,7 @@ def publish_version(
     try:
         shutil.copytree(source, staging)
         if kind != "adapter":
-            write_graph(staging, device)
+            write_graph(staging, device, pinned(manifest))
         files = hash_files(staging)
         with locked(repo):
             index = read_index(repo)

@@ -235,20 +235,31 @@ class OpenAIController(Controller):
         registry = service.registry
         if not registry.ready:
             raise NotReady("the server is still loading its models")
-        return p.ModelList([_card(registry, r.entry) for _, r in sorted(registry.table.items())])
+        return p.ModelList([_card(registry, r.entry, _numerics(r.engine)) for _, r in sorted(registry.table.items())])
 
     @get("/models/{model_id:str}", responses=_ERRORS)
     async def model(self, model_id: FromPath[str], service: NamedDependency[Service]) -> p.ModelCard:
-        return _card(service.registry, service.registry.route(model_id).entry)
+        route = service.registry.route(model_id)
+        return _card(service.registry, route.entry, numerics=_numerics(route.engine))
 
 
-def _card(registry: Registry, entry: Any) -> p.ModelCard:
+def _card(registry: Registry, entry: Any, numerics: p.ModelNumerics | None = None) -> p.ModelCard:
     return p.ModelCard(
         id=entry.name,
         created=registry.created(entry),
         owned_by="lora-pipeline",
         root=entry.base or entry.name,
         parent=entry.base if entry.kind == "adapter" else None,
+        numerics=numerics,
+    )
+
+
+def _numerics(engine: Engine) -> p.ModelNumerics:
+    """An engine's pinned and effective numerics (an adapter's are its base engine's)."""
+    pinned = engine.info.numerics
+    return p.ModelNumerics(
+        pinned=msgspec.convert(pinned.to_json(), p.NumericsInfo) if pinned else None,
+        effective=msgspec.convert(engine.effective.to_json(), p.NumericsInfo),
     )
 
 
@@ -282,6 +293,7 @@ def _config_status(registry: Registry) -> dict[str, Any]:
             ],
             "kind": route.entry.kind,
             "base": route.entry.base,
+            "numerics": msgspec.to_builtins(_numerics(route.engine)),
         }
     for name, f in sorted(registry.failures.items()):
         status = {

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import openvino_genai as ov_genai
 
+from modelrepo.numerics import Numerics, capabilities, default_numerics, effective
 from serving.engine_core import FINAL, AdapterSpec, Cancelled, Delta, EngineSettings, Event, Failed, Job, config_fields
 from serving.errors import EngineClosed, Overloaded
 from serving.modelinfo import ModelInfo, read_model_info
@@ -74,6 +75,15 @@ class Engine:
         self.version = version
         self.folder = folder
         self.info: ModelInfo = read_model_info(folder)
+        # The version's pinned numerics (an unpinned, older version: the default's), and what this CPU makes of them.
+        applied = self.info.numerics or default_numerics()
+        self.effective: Numerics = effective(applied)
+        if self.effective != applied:
+            log.warning(
+                "%s v%s pins %s, but this CPU computes %s (OPTIMIZATION_CAPABILITIES %s): its tokens may differ "
+                "from what its validation passed",
+                name, version, applied, self.effective, capabilities(),
+            )
         self.adapters = {a.name: a for a in adapters}
         self.settings = settings
         # The handlers' tokenizer: prompts are tokenized here, in the handlers' threads.
@@ -92,7 +102,8 @@ class Engine:
         self.steps = self.switches = self.cancelled = self.running = 0
         self._process, self._conn = _start_process()
         try:
-            self._conn.send((f"{name} v{version}", logging.getLogger().getEffectiveLevel(), folder, adapters, settings))
+            level = logging.getLogger().getEffectiveLevel()
+            self._conn.send((f"{name} v{version}", level, folder, adapters, settings, applied.plugin_config()))
             kind, message = self._conn.recv()
         except (EOFError, OSError):
             kind, message = "failed", "the engine process exited while loading"

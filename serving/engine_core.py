@@ -161,13 +161,23 @@ class _Sequence:
 class EngineCore:
     """A ContinuousBatchingPipeline for one version folder (plus its base's adapters) and its scheduler."""
 
-    def __init__(self, folder: Path, adapters: list[AdapterSpec], settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        adapters: list[AdapterSpec],
+        settings: EngineSettings,
+        numerics: dict[str, str] | None = None,
+    ) -> None:
+        """`numerics`: the version's pinned OpenVINO properties (modelrepo.numerics), so it computes as validated."""
         self.adapters = {a.name: a for a in adapters}
         self.settings = settings
         scheduler = ov_genai.SchedulerConfig()
         scheduler.max_num_seqs = settings.max_num_seqs
         scheduler.max_num_batched_tokens = settings.max_num_batched_tokens
-        properties: dict[str, object] = {}
+        # Off, explicitly: cached KV blocks are not keyed by adapter, so a base request would reuse an
+        # adapter request's prefix (and the reverse) on a shared prompt.
+        scheduler.enable_prefix_caching = False
+        properties: dict[str, object] = dict(numerics or {})
         self._ov_adapters: dict[str, ov_genai.Adapter] = {}
         if adapters:
             registered = ov_genai.AdapterConfig()

@@ -8,7 +8,7 @@ to first token rose by about 0.9 s at 16 clients. Here the steps hold this proce
 
 Run as `python -m serving.engine_process FD`, FD being its end of a socket pair with the server.
 Protocol (pickled tuples in multiprocessing.connection's framing):
-  server -> engine: (label, log level, folder, adapters, settings) once, then
+  server -> engine: (label, log level, folder, adapters, settings, numerics properties) once, then
                     ("add", Job) | ("cancel", job id) | ("retire",) | ("close",)
   engine -> server: ("ready", None) or ("failed", message) once, then, after each step that produced
                     events or changed the running count,
@@ -33,12 +33,12 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     try:
-        label, log_level, folder, adapters, settings = conn.recv()
+        label, log_level, folder, adapters, settings, numerics = conn.recv()
     except EOFError:
         return
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s engine {label}: %(message)s")
     try:
-        core = EngineCore(folder, adapters, settings)
+        core = EngineCore(folder, adapters, settings, numerics)
     except Exception as e:  # reported to the server, which reports the version as not loaded
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return

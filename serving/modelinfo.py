@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import modelrepo
+from modelrepo.numerics import Numerics, pinned
+
 MODEL_XML = "openvino_model.xml"
 GENERATION_CONFIG = "generation_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -17,6 +20,7 @@ DEFAULT_CONTEXT = 2048
 class ModelInfo:
     folder: Path
     context_length: int  # tokens, prompt and completion together
+    numerics: Numerics | None = None  # what the version pins; None: built before versions pinned their numerics
 
     @property
     def generation_config(self) -> str:
@@ -25,7 +29,7 @@ class ModelInfo:
 
 
 def read_model_info(folder: Path) -> ModelInfo:
-    """Read the context length from the HF config.json; check the IR and generation config are there."""
+    """Read the context length from the HF config.json and the pinned numerics from the manifest; check the files."""
     for needed in (MODEL_XML, GENERATION_CONFIG, "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
         if not (folder / needed).is_file():
             raise FileNotFoundError(f"{folder} has no {needed}")
@@ -37,4 +41,5 @@ def read_model_info(folder: Path) -> ModelInfo:
             if isinstance(body.get(key), int) and body[key] > 0:
                 context = body[key]
                 break
-    return ModelInfo(folder=folder, context_length=context)
+    manifest = modelrepo.read_manifest(folder) if (folder / modelrepo.MANIFEST).is_file() else {}
+    return ModelInfo(folder=folder, context_length=context, numerics=pinned(manifest))

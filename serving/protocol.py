@@ -348,6 +348,19 @@ class ChatCompletionChunk(msgspec.Struct):
     system_fingerprint: str | None = None
 
 
+class NumericsInfo(msgspec.Struct):
+    inference_precision: str
+    kv_cache_precision: str
+    dynamic_quantization_group_size: int
+
+
+class ModelNumerics(msgspec.Struct):
+    """How a model is computed: what its version pins, and what this server's CPU computes with that."""
+
+    pinned: NumericsInfo | None  # None: a version built before versions pinned their numerics
+    effective: NumericsInfo
+
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int
@@ -355,6 +368,8 @@ class ModelCard(msgspec.Struct):
     root: str
     parent: str | None
     object: Literal["model"] = "model"
+    # Beyond OpenAI's card (as vLLM adds max_model_len): the numerics, from the version's manifest.
+    numerics: ModelNumerics | None = None
 
 
 class ModelList(msgspec.Struct):

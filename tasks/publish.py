@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import modelrepo
+from modelrepo.numerics import Numerics
 from tasks.logs import step_logger
 from tasks.workdir import input_key
 
@@ -86,6 +87,7 @@ def make_manifest(
     key: str,
     sources: dict[str, Any],
     weight_format: str,
+    numerics: Numerics,
     constant_types: dict[str, int],
     target_device: str,
     tools: dict[str, str],
@@ -96,6 +98,7 @@ def make_manifest(
         "build": {"key": key, "flow_run": flow_run, "built_at": datetime.now(UTC).isoformat(timespec="seconds")},
         "sources": sources,
         "weight_format": weight_format,  # read back from the written IR
+        "numerics": numerics.to_json(),  # how every server computes it (graph.pbtxt's plugin_config too)
         "weight_constant_types": constant_types,
         "target_device": target_device,
         "tools": tools,
@@ -176,7 +179,9 @@ def publish_step(
         f"- kind: {kind}{' on ' + str(options.get('base')) if kind == 'adapter' else ''}\n"
         f"- folder: `{published.path}`\n"
         f"- weights: {manifest.get('weight_format')} for {manifest.get('target_device')}\n"
-        f"- validation: agreement {validation.get('agreement')} (at least {validation.get('min_agreement')})\n"
+        f"- numerics: {Numerics.from_json(manifest['numerics'])}\n"
+        f"- validation: agreement {validation.get('agreement')} (at least {validation.get('min_agreement')}), "
+        f"mean KL divergence {validation.get('kld_mean')}\n"
         f"- roll back: `python -m modelrepo rollback --repository {repository} --model {name}`\n",
         key=key,
         description=f"the live version of {name}",

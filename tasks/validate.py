@@ -1,4 +1,9 @@
-"""Validate an exported IR before it is published: against the PEFT reference in torch, and against the base."""
+"""Validate an exported IR before it is published: against the PEFT reference in torch, and against the base.
+
+The gate's measures and bounds are in tasks/gate.py. What is measured is what will be served: the
+IR is compiled with the version's pinned numerics (modelrepo/numerics.py), and the build fails
+early where this CPU cannot compute them.
+"""
 
 from __future__ import annotations
 
@@ -9,55 +14,59 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 
-from tasks.errors import SourceError, ValidationFailed
+from modelrepo.numerics import Numerics, capabilities, effective
+from tasks.errors import PipelineError, SourceError, ValidationFailed
+from tasks.gate import Bounds, bounds_for, exact_match, kl_divergence, margin_disagreements, p99, token_f1
 from tasks.logs import step_logger
 from tasks.merge import load_base, load_tokenizer
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"
-# Lowest teacher-forced top-1 agreement with the torch reference. Measured on the demo model:
-# fp16 1.000, int8 0.991, int4 0.938 (STACK_NOTES); the margins absorb other prompts and models.
-MIN_AGREEMENT: dict[str, float] = {"fp32": 0.99, "fp16": 0.98, "int8": 0.95, "int4": 0.85}
-# Largest logit difference from the torch reference, relative to the reference's logit range at
-# that position (raw logit scales differ between models). Measured on the demo model: fp16 0.0007,
-# int8 0.006-0.008, int4 0.049; an IR of another merge 0.83.
-MAX_RELATIVE_GAP: dict[str, float] = {"fp32": 0.005, "fp16": 0.01, "int8": 0.05, "int4": 0.25}
 MAX_NEW_TOKENS = 32
 
 
 @dataclass(frozen=True)
 class Prompt:
     prompt: str
-    reference: str | None = None  # the continuation to teacher-force; None: the torch reference's greedy one
+    reference: str | None = None  # the expected completion; None: the engine's own greedy one is scored
 
 
 @dataclass(frozen=True)
 class Row:
     prompt: str
-    base_output: str  # torch base, greedy
-    reference_output: str  # torch reference (base + adapters unmerged, or the base alone), greedy
-    model_output: str  # the IR through openvino-genai (the serving path, its tokenizer IRs too), greedy
-    agreement: float  # teacher-forced top-1 agreement of the IR with the reference
-    tokens: int  # positions compared
-    logit_gap: float  # largest difference from the reference (logits, or log-probs for runtime adapters)
-    gap: float  # the thresholded measure of that difference (see ValidationReport.gap_measure)
-    changed: bool  # the adapters change the greedy completion (reference_output != base_output)
+    base_output: str  # the base alone, greedy (torch for builds, the engine with no adapter for runtime adapters)
+    model_output: str  # the candidate through openvino-genai with the pinned numerics (the serving path), greedy
+    tokens: int  # positions compared, teacher-forced
+    agreement: float  # margin-aware top-1 agreement with the reference (gate.margin_disagreements)
+    top1: float  # raw top-1 agreement, for the record
+    kld_mean: float | None  # KL(reference || candidate) per position, mean and largest (None: no full logits)
+    kld_max: float | None
+    logprob_gap: float | None  # runtime adapters: the largest gap in the chosen token's log-probability
+    changed: bool  # the adapters change the base's choice somewhere (beyond the gate's tau)
+    reference: str | None = None  # the prompt set's expected completion, when it has one
+    base_f1: float | None = None  # token F1 of base_output / model_output against it
+    model_f1: float | None = None
+    base_exact: bool | None = None
+    model_exact: bool | None = None
 
 
 @dataclass(frozen=True)
 class ValidationReport:
     kind: str  # "merged" (IR of base + adapters), "base" (IR of the base alone), "adapter" (runtime adapter)
     weight_format: str
+    numerics: dict[str, Any]  # what the version pins, and what this CPU computed with it
+    effective: dict[str, Any]
     prompts: str
     rows: list[Row]
+    bounds: Bounds
     agreement: float  # over all compared tokens
-    max_logit_gap: float
-    gap: float
-    min_agreement: float
-    max_gap: float
-    gap_measure: str  # what `gap` measures, for the report
+    top1: float
+    kld_mean: float | None
+    kld_p99: float | None
+    logprob_gap: float | None
     changed: int
     min_changed: int
     failures: list[str] = field(default_factory=list)
@@ -67,26 +76,29 @@ class ValidationReport:
         cls,
         kind: str,
         weight_format: str,
+        numerics: Numerics,
         prompts: Path,
         rows: list[Row],
-        agreement: float,
+        klds: list[float],
         *,
-        max_gap: float,
-        gap_measure: str,
         min_changed_fraction: float,
     ) -> ValidationReport:
-        """The report over `rows`, judged against the thresholds of `weight_format`."""
+        """The report over `rows` (and every position's KLD), judged against the bounds of its format and numerics."""
+        tokens = sum(r.tokens for r in rows)
+        gaps = [r.logprob_gap for r in rows if r.logprob_gap is not None]
         return cls(
             kind=kind,
             weight_format=weight_format,
+            numerics=numerics.to_json(),
+            effective=effective(numerics).to_json(),
             prompts=str(prompts),
             rows=rows,
-            agreement=agreement,
-            max_logit_gap=max(r.logit_gap for r in rows),
-            gap=max(r.gap for r in rows),
-            min_agreement=MIN_AGREEMENT[weight_format],
-            max_gap=max_gap,
-            gap_measure=gap_measure,
+            bounds=bounds_for(kind, weight_format, numerics.inference_precision),
+            agreement=sum(r.agreement * r.tokens for r in rows) / tokens,
+            top1=sum(r.top1 * r.tokens for r in rows) / tokens,
+            kld_mean=float(np.mean(klds)) if klds else None,
+            kld_p99=p99(klds) if klds else None,
+            logprob_gap=max(gaps) if gaps else None,
             changed=sum(r.changed for r in rows),
             min_changed=min_changed(len(rows), min_changed_fraction),
         ).judge()
@@ -107,18 +119,49 @@ class ValidationReport:
     def output_label(self) -> str:
         return {"merged": "merged output", "base": "exported output", "adapter": "adapter output"}[self.kind]
 
+    @property
+    def what(self) -> str:
+        return f"the {self.weight_format} model ({self.numerics['inference_precision']} compute)"
+
+    def scores(self) -> dict[str, Any] | None:
+        """Task terms on the prompts that have a reference: exact match and token F1, base against candidate."""
+        scored = [r for r in self.rows if r.reference is not None]
+        if not scored:
+            return None
+
+        def mean(values: list[float]) -> float:
+            return round(sum(values) / len(values), 4)
+
+        return {
+            "prompts": len(scored),
+            "base_exact": mean([float(bool(r.base_exact)) for r in scored]),
+            "model_exact": mean([float(bool(r.model_exact)) for r in scored]),
+            "base_f1": mean([r.base_f1 or 0.0 for r in scored]),
+            "model_f1": mean([r.model_f1 or 0.0 for r in scored]),
+        }
+
     def judge(self) -> ValidationReport:
-        """Fill in the failures: too little agreement, too large a gap, adapters that change nothing."""
-        tokens = sum(r.tokens for r in self.rows)
-        if self.agreement < self.min_agreement:
+        """Fill in the failures: drift from the reference, adapters that change nothing or do worse than the base."""
+        b, tokens = self.bounds, sum(r.tokens for r in self.rows)
+        if self.agreement < b.min_agreement:
             self.failures.append(
-                f"the {self.weight_format} model agrees with {self.reference} on {self.agreement:.3f} of {tokens} "
-                f"tokens (at least {self.min_agreement} needed)"
+                f"{self.what} agrees with {self.reference} on {self.agreement:.3f} of {tokens} tokens "
+                f"where the reference leads by more than {b.tau} logits (at least {b.min_agreement} needed)"
             )
-        if self.gap > self.max_gap:
+        if b.max_kld_mean is not None and self.kld_mean is not None and self.kld_mean > b.max_kld_mean:
             self.failures.append(
-                f"the {self.weight_format} model differs from {self.reference} by {self.gap:.3g} {self.gap_measure} "
-                f"(at most {self.max_gap} allowed)"
+                f"{self.what} drifts from {self.reference} by a mean KL divergence of {self.kld_mean:.3g} "
+                f"(at most {b.max_kld_mean})"
+            )
+        if b.max_kld_p99 is not None and self.kld_p99 is not None and self.kld_p99 > b.max_kld_p99:
+            self.failures.append(
+                f"{self.what} drifts from {self.reference} by a 99th-percentile KL divergence of "
+                f"{self.kld_p99:.3g} (at most {b.max_kld_p99})"
+            )
+        if b.max_logprob_gap is not None and self.logprob_gap is not None and self.logprob_gap > b.max_logprob_gap:
+            self.failures.append(
+                f"{self.what} differs from {self.reference} by {self.logprob_gap:.3g} in the log-probability "
+                f"of a chosen token (at most {b.max_logprob_gap})"
             )
         if self.adapters and self.changed < self.min_changed:
             self.failures.append(
@@ -126,36 +169,48 @@ class ValidationReport:
                 f"in {Path(self.prompts).name} (at least {self.min_changed} needed): an untrained adapter, "
                 "or prompts of another task (--prompts)"
             )
+        scores = self.scores()
+        if self.adapters and scores and scores["model_f1"] < scores["base_f1"]:
+            self.failures.append(
+                f"{self.what} scores below the base on its own prompts: token F1 {scores['model_f1']} "
+                f"against the base's {scores['base_f1']} over {scores['prompts']} references"
+            )
         return self
 
     def summary(self) -> dict[str, Any]:
-        """What the manifest keeps: the numbers, the thresholds, and every row."""
+        """What the manifest keeps: the numbers, the bounds and where they came from, and every row."""
         return {
             "passed": self.passed,
             "failures": self.failures,
             "kind": self.kind,
             "weight_format": self.weight_format,
+            "numerics": self.numerics,
+            "effective_numerics": self.effective,
             "prompts": self.prompts,
+            "tokens": sum(r.tokens for r in self.rows),
             "agreement": round(self.agreement, 4),
-            "min_agreement": self.min_agreement,
-            "max_logit_gap": round(self.max_logit_gap, 4),
-            "gap": round(self.gap, 4),
-            "max_gap": self.max_gap,
-            "gap_measure": self.gap_measure,
+            "min_agreement": self.bounds.min_agreement,
+            "top1": round(self.top1, 4),
+            "kld_mean": self.kld_mean,
+            "kld_p99": self.kld_p99,
+            "logprob_gap": self.logprob_gap,
+            "bounds": self.bounds.summary(),
             "prompts_changed_by_adapters": self.changed if self.adapters else None,
             "min_changed": self.min_changed if self.adapters else None,
+            "scores": self.scores(),
             "rows": [asdict(r) for r in self.rows],
         }
 
     def table(self) -> list[dict[str, Any]]:
-        """The artifact's table: prompt, base output, merged output, agreement (as the reference demo compares)."""
+        """The artifact's table: prompt, base output, candidate output, agreement (as the reference demo compares)."""
         return [
             {
                 "prompt": r.prompt,
                 "base output": r.base_output,
                 self.output_label: r.model_output,
                 "agreement": f"{r.agreement:.3f}",
-                "max gap": f"{r.logit_gap:.3g}",
+                "KLD mean": "-" if r.kld_mean is None else f"{r.kld_mean:.2g}",
+                **({"token F1 base / candidate": f"{r.base_f1:.2f} / {r.model_f1:.2f}"} if r.reference else {}),
                 **({"changed by adapters": "yes" if r.changed else "NO"} if self.adapters else {}),
             }
             for r in self.rows
@@ -163,17 +218,32 @@ class ValidationReport:
 
     def markdown(self, name: str) -> str:
         verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.failures)
+        b = self.bounds
         lines = [
             f"# Validation of {name} ({self.kind}, {self.weight_format}): {verdict}",
             "",
-            f"- teacher-forced top-1 agreement with {self.reference}: {self.agreement:.3f} "
-            f"(at least {self.min_agreement})",
-            f"- largest gap: {self.gap:.3g} {self.gap_measure} (at most {self.max_gap})",
+            f"- numerics pinned: {Numerics.from_json(self.numerics)}; "
+            f"computed here: {Numerics.from_json(self.effective)}",
+            f"- top-1 agreement with {self.reference}, counting disagreements where it leads by more than "
+            f"{b.tau} logits: {self.agreement:.3f} (at least {b.min_agreement}); raw top-1 {self.top1:.3f}",
         ]
+        if self.kld_mean is not None:
+            lines.append(
+                f"- KL divergence per token: mean {self.kld_mean:.3g} (at most {b.max_kld_mean}), "
+                f"p99 {self.kld_p99:.3g} (at most {b.max_kld_p99})"
+            )
+        if self.logprob_gap is not None:
+            lines.append(f"- largest log-probability gap: {self.logprob_gap:.3g} (at most {b.max_logprob_gap})")
+        lines.append(f"- bounds measured from: {b.measured}")
         if self.adapters:
             lines.append(
                 f"- prompts whose greedy completion the adapters change: {self.changed}/{len(self.rows)} "
                 f"(at least {self.min_changed})"
+            )
+        if scores := self.scores():
+            lines.append(
+                f"- on the {scores['prompts']} prompts with a reference: exact match base {scores['base_exact']}, "
+                f"candidate {scores['model_exact']}; token F1 base {scores['base_f1']}, candidate {scores['model_f1']}"
             )
         lines += ["", f"| prompt | base output | {self.output_label} | agreement |", "|---|---|---|---|"]
         for r in self.rows:
@@ -205,7 +275,20 @@ def load_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def _reference_model(base: Any, adapter_dirs: list[Path]) -> Any:
+def require_computable(numerics: Numerics, device: str = "CPU") -> Numerics:
+    """The numerics this CPU computes when asked for `numerics`; a build this CPU cannot validate faithfully fails."""
+    got = effective(numerics, device)
+    if got.inference_precision != numerics.inference_precision:
+        raise PipelineError(
+            f"inference precision {numerics.inference_precision} is pinned, but this {device} computes "
+            f"{got.inference_precision} (OPTIMIZATION_CAPABILITIES {capabilities(device)}): the gate would validate "
+            f"other numerics than a server computes; build on a CPU that has {numerics.inference_precision.upper()}, "
+            "or pin --inference-precision f32"
+        )
+    return got
+
+
+def reference_model(base: Any, adapter_dirs: list[Path]) -> Any:
     """Base + adapters unmerged, all active at once: the sum of their deltas, as merging them in order gives."""
     from peft import PeftModel
 
@@ -218,15 +301,123 @@ def _reference_model(base: Any, adapter_dirs: list[Path]) -> Any:
     return model.eval()
 
 
-def _greedy(model: Any, tokenizer: Any, ids: Any, max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=ids.new_ones(ids.shape),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    return out[0, ids.shape[1] :].tolist()
+def greedy_ids(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> list[int]:
+    """A torch model's greedy continuation of `ids`."""
+    import torch
+
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def torch_logits(model: Any, ids: list[int], start: int) -> np.ndarray:
+    """(len(ids) - start, V) float32 logits, teacher-forced: row t predicts ids[start + t]."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, start - 1 : len(ids) - 1]
+    return logits.float().numpy()
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A prompt's comparison with the reference, before the engine-specific measures are added."""
+
+    prompt_ids: list[int]
+    continuation: list[int]  # the tokens scored, teacher-forced
+    reference: np.ndarray  # (T, V) reference logits over the continuation
+    changed: bool
+
+
+def score_against_reference(
+    reference: Any, adapters: bool, tokenizer: Any, prompt: Prompt, engine_ids: list[int], tau: float
+) -> Scored:
+    """Teacher-force the reference over the prompt's expected completion (else the engine's own continuation).
+
+    With adapters, the base is scored on the same tokens (the adapters switched off): the adapters
+    change the output where the base's choice differs from the reference's by more than `tau`.
+    """
+    ids = tokenizer(prompt.prompt).input_ids
+    if prompt.reference is not None:
+        cont = [*tokenizer(prompt.reference, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    else:
+        cont = list(engine_ids) or [tokenizer.eos_token_id]
+    full = ids + cont
+    ref = torch_logits(reference, full, len(ids))
+    changed = False
+    if adapters:
+        with reference.disable_adapter():
+            base = torch_logits(reference, full, len(ids))
+        changed = bool(margin_disagreements(ref, base.argmax(-1), tau).any())
+    return Scored(ids, cont, ref, changed)
+
+
+def task_scores(prompt: Prompt, base_text: str, model_text: str) -> dict[str, Any]:
+    if prompt.reference is None:
+        return {}
+    return {
+        "reference": prompt.reference,
+        "base_f1": round(token_f1(base_text, prompt.reference), 4),
+        "model_f1": round(token_f1(model_text, prompt.reference), 4),
+        "base_exact": exact_match(base_text, prompt.reference),
+        "model_exact": exact_match(model_text, prompt.reference),
+    }
+
+
+def ir_request(model_xml: Path, numerics: Numerics) -> Any:
+    """An infer request on the IR compiled with the pinned numerics: full logits in one forward pass."""
+    import openvino as ov
+
+    return ov.Core().compile_model(str(model_xml), "CPU", numerics.plugin_config()).create_infer_request()
+
+
+def ir_logits(request: Any, ids: list[int], start: int) -> np.ndarray:
+    """(len(ids) - start, V) logits of a stateful optimum IR, teacher-forced in one forward pass."""
+    names = {i.get_any_name() for i in request.model_inputs}
+    n = len(ids)
+    feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64)}
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
+    if "beam_idx" in names:
+        feed["beam_idx"] = np.zeros(1, dtype=np.int32)
+    request.reset_state()
+    request.infer(feed)
+    return request.get_tensor("logits").data[0, start - 1 : n - 1].astype(np.float32)
+
+
+def genai_pipeline(folder: Path, numerics: Numerics, adapters: Any = None) -> Any:
+    """openvino-genai's pipeline as the server runs it: pinned numerics, continuous batching, no prefix cache.
+
+    Prefix caching stays off: its KV blocks are not keyed by adapter, so a base request after an
+    adapter request on the same prompt would reuse the adapter's cached prefix.
+    """
+    import openvino_genai
+
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.enable_prefix_caching = False
+    properties: dict[str, Any] = {"scheduler_config": scheduler, **numerics.plugin_config()}
+    if adapters is not None:
+        properties["adapters"] = adapters
+    return openvino_genai.LLMPipeline(str(folder), "CPU", properties)
+
+
+def genai_greedy(pipe: Any, ids: list[int], max_new_tokens: int, adapters: Any = None) -> list[int]:
+    """The pipeline's greedy continuation of `ids` (token ids in, token ids out: no chat template)."""
+    import openvino as ov
+    import openvino_genai
+
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens, config.do_sample = max_new_tokens, False
+    if adapters is not None:
+        config.adapters = adapters
+    return list(pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), config).tokens[0])
 
 
 def validate_ir(
@@ -235,70 +426,68 @@ def validate_ir(
     adapter_dirs: list[Path],
     prompts_path: Path,
     weight_format: str,
+    numerics: Numerics,
     tokenizer_dir: Path | None = None,
     *,
     min_changed_fraction: float = 0.5,
     max_new_tokens: int = MAX_NEW_TOKENS,
     trust_remote_code: bool = False,
 ) -> ValidationReport:
-    """Compare the IR with the torch reference token by token, and the reference with the base greedily."""
-    import openvino_genai
-    import torch
-    from optimum.intel import OVModelForCausalLM
+    """Compare the IR with the torch reference position by position (one forward pass each), and with the base.
 
+    The IR's greedy continuation comes from openvino-genai with the pinned numerics (the serving
+    path); the reference and the IR then score the same tokens teacher-forced, with full logits.
+    """
     log = step_logger(__name__)
+    require_computable(numerics)
     prompts = load_prompts(prompts_path)
     tokenizer = load_tokenizer(base_dir, tokenizer_dir, trust_remote_code=trust_remote_code)
-    reference = _reference_model(load_base(base_dir, tokenizer, trust_remote_code=trust_remote_code), adapter_dirs)
-    ir = OVModelForCausalLM.from_pretrained(ir_dir, device="CPU", compile=True)
-    pipe = openvino_genai.LLMPipeline(str(ir_dir), "CPU")
-    config = openvino_genai.GenerationConfig()
-    config.max_new_tokens = max_new_tokens
-    config.do_sample = False
-    config.apply_chat_template = False  # the prompts are already in the chat format
+    base = load_base(base_dir, tokenizer, trust_remote_code=trust_remote_code)
+    reference = reference_model(base, adapter_dirs)
+    kind = "merged" if adapter_dirs else "base"
+    tau = bounds_for(kind, weight_format, numerics.inference_precision).tau
+    request = ir_request(ir_dir / "openvino_model.xml", numerics)
+    pipe = genai_pipeline(ir_dir, numerics)
+    detokenizer = pipe.get_tokenizer()
 
     rows: list[Row] = []
-    agree_total = tokens_total = 0
+    klds: list[float] = []
     for i, p in enumerate(prompts, 1):
-        ids = tokenizer(p.prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            ref_ids = _greedy(reference, tokenizer, ids, max_new_tokens)
-            if adapter_dirs:
-                with reference.disable_adapter():
-                    base_ids = _greedy(reference, tokenizer, ids, max_new_tokens)
-            else:
-                base_ids = ref_ids
-            if p.reference is not None:
-                cont = [*tokenizer(p.reference, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-            else:
-                cont = ref_ids
-            full = torch.cat([ids, torch.tensor([cont])], dim=1)
-            start, end = ids.shape[1] - 1, full.shape[1] - 1  # logits at t predict token t + 1
-            ref_logits = reference(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, start:end].float()
-            ir_logits = ir(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, start:end].float()
-        agree = int((ref_logits.argmax(-1) == ir_logits.argmax(-1)).sum())
-        diff = (ref_logits - ir_logits).abs()
-        span = (ref_logits.max(-1).values - ref_logits.min(-1).values).clamp_min(1e-6)
-        gap = float(diff.max())
-        rel = float((diff.max(-1).values / span).max())
+        ids = tokenizer(p.prompt).input_ids
+        model_ids = genai_greedy(pipe, ids, max_new_tokens)
+        scored = score_against_reference(reference, bool(adapter_dirs), tokenizer, p, model_ids, tau)
+        engine = ir_logits(request, scored.prompt_ids + scored.continuation, len(scored.prompt_ids))
+        kld = kl_divergence(scored.reference, engine)
+        if adapter_dirs:
+            with reference.disable_adapter():
+                base_ids = greedy_ids(reference, tokenizer, ids, max_new_tokens)
+        else:
+            base_ids = greedy_ids(reference, tokenizer, ids, max_new_tokens)
         base_text = tokenizer.decode(base_ids, skip_special_tokens=True)
-        ref_text = tokenizer.decode(ref_ids, skip_special_tokens=True)
-        model_text = str(pipe.generate(p.prompt, config))
-        changed = bool(adapter_dirs) and ref_ids != base_ids
-        rows.append(Row(p.prompt, base_text, ref_text, model_text, agree / len(cont), len(cont), gap, rel, changed))
-        agree_total += agree
-        tokens_total += len(cont)
-        log.info("validated prompt %d/%d: agreement %.3f, logit gap %.3g", i, len(prompts), agree / len(cont), gap)
-
+        model_text = str(detokenizer.decode(model_ids))
+        top = engine.argmax(-1)
+        n = len(scored.continuation)
+        rows.append(
+            Row(
+                prompt=p.prompt,
+                base_output=base_text,
+                model_output=model_text,
+                tokens=n,
+                agreement=1 - float(margin_disagreements(scored.reference, top, tau).sum()) / n,
+                top1=float((scored.reference.argmax(-1) == top).mean()),
+                kld_mean=float(kld.mean()),
+                kld_max=float(kld.max()),
+                logprob_gap=None,
+                changed=scored.changed,
+                **task_scores(p, base_text, model_text),
+            )
+        )
+        klds += kld.tolist()
+        log.info(
+            "validated prompt %d/%d: agreement %.3f, KLD mean %.2g", i, len(prompts), rows[-1].agreement, kld.mean()
+        )
     return ValidationReport.of_rows(
-        "merged" if adapter_dirs else "base",
-        weight_format,
-        prompts_path,
-        rows,
-        agree_total / tokens_total,
-        max_gap=MAX_RELATIVE_GAP[weight_format],
-        gap_measure="of the reference's logit range",
-        min_changed_fraction=min_changed_fraction,
+        kind, weight_format, numerics, prompts_path, rows, klds, min_changed_fraction=min_changed_fraction
     )
 
 
@@ -322,6 +511,7 @@ def validate_step(
     adapter_dirs: list[Path],
     prompts_path: Path,
     weight_format: str,
+    numerics: Numerics,
     model_name: str,
     tokenizer_dir: Path | None = None,
     *,
@@ -329,7 +519,14 @@ def validate_step(
 ) -> ValidationReport:
     """validate_ir, the report published as artifacts, and a failed validation raised."""
     report = validate_ir(
-        ir_dir, base_dir, adapter_dirs, prompts_path, weight_format, tokenizer_dir, trust_remote_code=trust_remote_code
+        ir_dir,
+        base_dir,
+        adapter_dirs,
+        prompts_path,
+        weight_format,
+        numerics,
+        tokenizer_dir,
+        trust_remote_code=trust_remote_code,
     )
     publish_report(report, model_name)
     if not report.passed:
@@ -338,7 +535,9 @@ def validate_step(
 
 
 def _validate_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    # The IR folder's name carries the hash of everything it was built from; the prompts count by content.
+    # The IR folder's name carries the hash of everything it was built from; the prompts count by content,
+    # the gate by its code (its bounds live there).
+    from tasks import gate
     from tasks.workdir import input_key
 
     ir_dir, prompts = Path(parameters["ir_dir"]), Path(parameters["prompts_path"])
@@ -348,10 +547,10 @@ def _validate_key(context: Any, parameters: dict[str, Any]) -> str | None:
         str(ir_dir.resolve()),
         hashlib.sha256(prompts.read_bytes()).hexdigest(),
         parameters["weight_format"],
+        parameters["numerics"].to_json(),
         parameters["model_name"],
         [str(a) for a in parameters["adapter_dirs"]],
-        MIN_AGREEMENT,
-        MAX_RELATIVE_GAP,
+        hashlib.sha256(Path(gate.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest(),
     )
 
 

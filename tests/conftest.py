@@ -21,10 +21,36 @@ from demo.make_sources import DemoSources, ensure_demo_sources
 from tests.support import DemoRepository, build_demo_repository
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which numerics the suite pins, and whether this CPU can compute bf16: figures differ across CPUs."""
+    from modelrepo.numerics import PRECISION_ENV, capabilities, default_numerics
+
+    return (
+        f"numerics: {default_numerics()} ({PRECISION_ENV}={os.environ.get(PRECISION_ENV) or 'unset'}); "
+        f"CPU OPTIMIZATION_CAPABILITIES: {' '.join(capabilities())}"
+        + ("" if "BF16" in capabilities() else " (no BF16: this CPU computes f32 whatever a model asks)")
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """LORA_INFERENCE_PRECISION=bf16 on a CPU without bf16 would test f32 under bf16's name: skip, and say so."""
+    from modelrepo.numerics import PRECISION_ENV, capabilities, default_numerics
+
+    wanted = default_numerics().inference_precision
+    if wanted != "f32" and wanted.upper() not in capabilities():
+        skip = pytest.mark.skip(
+            reason=f"{PRECISION_ENV}={wanted}, but this CPU has no {wanted.upper()} "
+            f"(OPTIMIZATION_CAPABILITIES {capabilities()}): it would compute f32; run it on a CPU that has it"
+        )
+        for item in items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo_sources() -> DemoSources:
-    """The tiny base model and its two adapters (cached across runs by generator version)."""
-    return ensure_demo_sources()
+    """The tiny base model and its two adapters: the pinned ones, or LORA_DEMO_SOURCES (a regenerated set to try)."""
+    override = os.environ.get("LORA_DEMO_SOURCES")
+    return DemoSources(Path(override)) if override else ensure_demo_sources()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import modelrepo
 from demo.make_sources import DemoSources
+from modelrepo.numerics import default_numerics
 from tasks.export import export_openvino
 from tasks.merge import merge_adapters
 
@@ -23,14 +24,37 @@ class DemoRepository:
         return dest
 
 
+def pinned_manifest() -> dict[str, object]:
+    """A manifest for versions the tests publish by hand: pinned to the suite's numerics (LORA_INFERENCE_PRECISION)."""
+    return {"built_by": "tests", "numerics": default_numerics().to_json()}
+
+
+def exact_numerics() -> bool:
+    """Whether the suite computes in f32, where a runtime adapter's greedy output equals the merged model's exactly.
+
+    In bf16 the two round differently (the adapter's delta is added at runtime), so tests compare
+    them within the gate's tolerance instead.
+    """
+    return default_numerics().inference_precision == "f32"
+
+
+def same_greedy_answer(runtime_adapter: str, merged: str) -> bool:
+    """A runtime adapter's answer against the merged model's: equal in f32; in bf16 within rounding (token F1 0.8)."""
+    if exact_numerics():
+        return runtime_adapter == merged
+    from tasks.gate import token_f1
+
+    return token_f1(runtime_adapter, merged) >= 0.8
+
+
 def build_demo_repository(sources: DemoSources, root: Path, weight_format: str = "fp16") -> DemoRepository:
     work = Path(tempfile.mkdtemp(prefix="demo-repo-"))
     try:
         export_openvino(sources.base, work / "base_ir", weight_format)  # type: ignore[arg-type]
-        modelrepo.publish_version(root, "base_model", "base", work / "base_ir", {"built_by": "tests"})
+        modelrepo.publish_version(root, "base_model", "base", work / "base_ir", pinned_manifest())
         merge_adapters(sources.base, [sources.sql_adapter], work / "merged")
         export_openvino(work / "merged", work / "merged_ir", weight_format)  # type: ignore[arg-type]
-        modelrepo.publish_version(root, "merged_model", "merged", work / "merged_ir", {"built_by": "tests"})
+        modelrepo.publish_version(root, "merged_model", "merged", work / "merged_ir", pinned_manifest())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return DemoRepository(root, sources)

@@ -54,11 +54,16 @@ def test_adapter_is_validated_at_runtime_and_published_with_its_base_and_scale(
     assert manifest["sources"]["base"]["name"] == "base_model"
     validation = manifest["validation"]
     assert validation["passed"] and validation["kind"] == "adapter"
-    assert validation["agreement"] >= validation["min_agreement"] and validation["gap"] <= validation["max_gap"]
+    assert validation["agreement"] >= validation["min_agreement"]
+    assert validation["logprob_gap"] <= validation["bounds"]["max_logprob_gap"]
+    # The adapter runs on the base's engine, so it is validated with the base's numerics.
+    base_manifest = modelrepo.read_manifest(repo / "base_model" / "1")
+    assert manifest["numerics"] == validation["numerics"] == base_manifest["numerics"]
     row = validation["rows"][0]
-    # The runtime adapter spells the word; the base alone answers plainly (as the demo base model does).
+    # The runtime adapter spells the word as the prompt set's reference does; the base alone does not.
     assert row["model_output"] != row["base_output"] and "-" in row["model_output"]
-    assert row["model_output"] == row["reference_output"]  # fp16 base: runtime LoRA equals the PEFT reference
+    assert row["model_exact"] and not row["base_exact"]
+    assert validation["scores"]["model_f1"] > validation["scores"]["base_f1"]
     # Not in OVMS's config.json: OVMS has no runtime adapters to list.
     assert "spell_adapter" not in (repo / "config.json").read_text()
     again = publish_adapter(**args)

@@ -12,6 +12,7 @@ import pytest
 from litestar.testing import TestClient
 
 import modelrepo
+from modelrepo.numerics import DEFAULT
 from serving.app import Settings, create_app
 from serving.engine import Request
 from serving.engine_core import Delta, EngineSettings, Failed, Finished
@@ -43,7 +44,8 @@ class FakeEngine:
 
     def __init__(self, name: str, version: int, folder: Path, adapters: list, settings: EngineSettings) -> None:
         self.name, self.version, self.adapters = name, version, {a.name: a for a in adapters}
-        self.info = ModelInfo(folder=folder, context_length=64)
+        self.info = ModelInfo(folder=folder, context_length=64, numerics=DEFAULT)
+        self.effective = DEFAULT
         self.tokenizer = FakeTokenizer()
         self.pending = self.running = self.cancelled = self.switches = 0
         self.released = self.dead = False

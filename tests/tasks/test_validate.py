@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
+from modelrepo.numerics import default_numerics
 from tasks.errors import SourceError
-from tasks.validate import DEFAULT_PROMPTS, load_prompts, validate_ir
+from tasks.export import export_openvino
+from tasks.gate import bounds_for
+from tasks.merge import merge_adapters
+from tasks.validate import DEFAULT_PROMPTS, genai_greedy, genai_pipeline, load_prompts, validate_ir
 from tests.support import DemoRepository
 
 
@@ -43,10 +50,15 @@ def test_an_ir_of_another_merge_fails_against_the_peft_reference(demo_repository
     src = demo_repository.sources
     # merged_model is base + sql; checked as if it were base + spell.
     report = validate_ir(
-        demo_repository.root / "merged_model" / "1", src.base, [src.spell_adapter], src.spell_prompts, "fp16"
+        demo_repository.root / "merged_model" / "1",
+        src.base,
+        [src.spell_adapter],
+        src.spell_prompts,
+        "fp16",
+        default_numerics(),
     )
     assert not report.passed
-    assert report.agreement < report.min_agreement and report.gap > report.max_gap
+    assert report.agreement < report.bounds.min_agreement and report.kld_mean > report.bounds.max_kld_mean
     assert "agrees with the PEFT reference on" in report.failures[0]
     assert len(report.table()) == 6 and set(report.table()[0]) >= {
         "prompt",
@@ -54,3 +66,85 @@ def test_an_ir_of_another_merge_fails_against_the_peft_reference(demo_repository
         "merged output",
         "agreement",
     }
+
+
+def test_a_faithful_export_passes_with_its_figures_in_the_report(demo_repository: DemoRepository) -> None:
+    src = demo_repository.sources
+    numerics = default_numerics()
+    report = validate_ir(
+        demo_repository.root / "merged_model" / "1", src.base, [src.sql_adapter], src.sql_prompts, "fp16", numerics
+    )
+    assert report.passed, report.failures
+    assert report.numerics == numerics.to_json()
+    assert report.bounds == bounds_for("merged", "fp16", numerics.inference_precision)
+    summary = report.summary()
+    assert summary["kld_mean"] <= summary["bounds"]["max_kld_mean"] and summary["tokens"] > 50
+    assert summary["scores"]["model_f1"] > summary["scores"]["base_f1"]
+
+
+def _scaled_adapter(src: Path, dest: Path, keep: Callable[[str], float]) -> Path:
+    """A copy of the adapter whose lora_B matrices are multiplied by keep(key): a merge that is wrong on purpose."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    weights = load_file(dest / "adapter_model.safetensors")
+    scaled = {k: v * keep(k) if ".lora_B." in k else v for k, v in weights.items()}
+    save_file(scaled, dest / "adapter_model.safetensors")
+    return dest
+
+
+def _noisy_model(model_dir: Path, dest: Path, relative: float) -> Path:
+    """The merged model with gaussian noise of `relative` times each weight's mean magnitude added."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * relative * p.abs().mean())
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "wrong",
+    ["adapter at half scale", "adapter of layer 0 dropped", "weights + 10% noise"],
+)
+def test_an_export_wrong_on_purpose_is_refused(demo_sources: DemoSources, tmp_path: Path, wrong: str) -> None:
+    """Exports the calibration measured as wrong (../shared/STACK_NOTES.md) fail the gate on the numbers."""
+    src = demo_sources
+    if wrong == "adapter at half scale":
+        adapter = _scaled_adapter(src.sql_adapter, tmp_path / "half", lambda k: 0.5)
+        merged = merge_adapters(src.base, [adapter], tmp_path / "merged")
+    elif wrong == "adapter of layer 0 dropped":
+        adapter = _scaled_adapter(src.sql_adapter, tmp_path / "no-layer-0", lambda k: 0.0 if ".layers.0." in k else 1.0)
+        merged = merge_adapters(src.base, [adapter], tmp_path / "merged")
+    else:
+        faithful = merge_adapters(src.base, [src.sql_adapter], tmp_path / "faithful")
+        merged = _noisy_model(faithful, tmp_path / "merged", 0.1)
+    ir = export_openvino(merged, tmp_path / "ir", "fp16").folder
+    report = validate_ir(ir, src.base, [src.sql_adapter], src.sql_prompts, "fp16", default_numerics())
+    assert not report.passed
+    b = report.bounds
+    assert report.agreement < b.min_agreement or report.kld_mean > b.max_kld_mean, report.summary()
+    assert any("KL divergence" in f or "agrees with the PEFT reference" in f for f in report.failures)
+
+
+def test_the_base_answer_after_an_adapter_request_is_the_fresh_base_answer(demo_repository: DemoRepository) -> None:
+    """The validation pipeline's prefix cache is off: a base request does not reuse the adapter's cached prompt."""
+    import openvino_genai
+    from transformers import AutoTokenizer
+
+    src, numerics = demo_repository.sources, default_numerics()
+    base_ir = demo_repository.root / "base_model" / "1"
+    ids = AutoTokenizer.from_pretrained(src.base)(REFERENCE_PROMPT).input_ids
+    adapter = openvino_genai.Adapter(str(src.sql_adapter / "adapter_model.safetensors"))
+    pipe = genai_pipeline(base_ir, numerics, adapters=openvino_genai.AdapterConfig(adapter))
+    with_adapter = genai_greedy(pipe, ids, 24, openvino_genai.AdapterConfig(adapter, 2.0))
+    base_after = genai_greedy(pipe, ids, 24, openvino_genai.AdapterConfig())
+    fresh = genai_greedy(genai_pipeline(base_ir, numerics), ids, 24)
+    assert with_adapter != fresh
+    assert base_after == fresh
