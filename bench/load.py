@@ -96,7 +96,7 @@ class InProcessEngine:
     def __init__(self, folder: Path, adapters: list[tuple[Path, float]] | None = None) -> None:
         import openvino_genai as ov_genai
 
-        from modelrepo.numerics import default_numerics
+        from modelrepo.numerics import default_numerics, engine_properties
         from serving.engine_core import EngineSettings
         from serving.modelinfo import read_model_info
 
@@ -107,7 +107,7 @@ class InProcessEngine:
         scheduler.enable_prefix_caching = False
         # The version's pinned numerics, as the server applies them: both sides of a ratio compute alike.
         self.numerics = read_model_info(folder).numerics or default_numerics()
-        properties: dict[str, Any] = dict(self.numerics.plugin_config())
+        properties: dict[str, Any] = dict(engine_properties(self.numerics))
         self.adapters: list[Any] = []
         if adapters:
             config = ov_genai.AdapterConfig()

@@ -136,6 +136,24 @@ def effective(numerics: Numerics, device: str = "CPU") -> Numerics:
     )
 
 
+def engine_properties(numerics: Numerics, device: str = "CPU") -> dict[str, str]:
+    """The properties to pass an OpenVINO pipeline for `numerics`: those the device would not apply by itself.
+
+    Why not all of them: openvino-genai 2026.4 given KV_CACHE_PRECISION explicitly, even its own
+    default u8, crashed (SIGSEGV) a continuous-batching pipeline with runtime adapters in 3 of 6
+    test runs here, never without it. A setting equal to the device's default changes nothing, and
+    `effective` reads back what the device applies either way.
+    """
+    import openvino as ov
+
+    defaults = ov.Core()
+    wanted = numerics.plugin_config()
+    with_all = ov.Core()
+    with_all.set_property(device, wanted)
+    changed = {k for k in wanted if str(defaults.get_property(device, k)) != str(with_all.get_property(device, k))}
+    return {k: v for k, v in wanted.items() if k in changed}
+
+
 def capabilities(device: str = "CPU") -> list[str]:
     """The device's OPTIMIZATION_CAPABILITIES (BF16 among them where it computes bf16)."""
     import openvino as ov

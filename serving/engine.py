@@ -30,7 +30,7 @@ from pathlib import Path
 
 import openvino_genai as ov_genai
 
-from modelrepo.numerics import Numerics, capabilities, default_numerics, effective
+from modelrepo.numerics import Numerics, capabilities, default_numerics, effective, engine_properties
 from serving.engine_core import FINAL, AdapterSpec, Cancelled, Delta, EngineSettings, Event, Failed, Job, config_fields
 from serving.errors import EngineClosed, Overloaded
 from serving.modelinfo import ModelInfo, read_model_info
@@ -103,7 +103,7 @@ class Engine:
         self._process, self._conn = _start_process()
         try:
             level = logging.getLogger().getEffectiveLevel()
-            self._conn.send((f"{name} v{version}", level, folder, adapters, settings, applied.plugin_config()))
+            self._conn.send((f"{name} v{version}", level, folder, adapters, settings, engine_properties(applied)))
             kind, message = self._conn.recv()
         except (EOFError, OSError):
             kind, message = "failed", "the engine process exited while loading"

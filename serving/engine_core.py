@@ -168,7 +168,7 @@ class EngineCore:
         settings: EngineSettings,
         numerics: dict[str, str] | None = None,
     ) -> None:
-        """`numerics`: the version's pinned OpenVINO properties (modelrepo.numerics), so it computes as validated."""
+        """`numerics`: the properties for the version's pinned numerics (modelrepo.numerics.engine_properties)."""
         self.adapters = {a.name: a for a in adapters}
         self.settings = settings
         scheduler = ov_genai.SchedulerConfig()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from prefect import task
 
-from modelrepo.numerics import Numerics, capabilities, effective
+from modelrepo.numerics import Numerics, capabilities, effective, engine_properties
 from tasks.errors import PipelineError, SourceError, ValidationFailed
 from tasks.gate import Bounds, bounds_for, exact_match, kl_divergence, margin_disagreements, p99, token_f1
 from tasks.logs import step_logger
@@ -375,7 +375,7 @@ def ir_request(model_xml: Path, numerics: Numerics) -> Any:
     """An infer request on the IR compiled with the pinned numerics: full logits in one forward pass."""
     import openvino as ov
 
-    return ov.Core().compile_model(str(model_xml), "CPU", numerics.plugin_config()).create_infer_request()
+    return ov.Core().compile_model(str(model_xml), "CPU", engine_properties(numerics)).create_infer_request()
 
 
 def ir_logits(request: Any, ids: list[int], start: int) -> np.ndarray:
@@ -402,7 +402,7 @@ def genai_pipeline(folder: Path, numerics: Numerics, adapters: Any = None) -> An
 
     scheduler = openvino_genai.SchedulerConfig()
     scheduler.enable_prefix_caching = False
-    properties: dict[str, Any] = {"scheduler_config": scheduler, **numerics.plugin_config()}
+    properties: dict[str, Any] = {"scheduler_config": scheduler, **engine_properties(numerics)}
     if adapters is not None:
         properties["adapters"] = adapters
     return openvino_genai.LLMPipeline(str(folder), "CPU", properties)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from tasks.gate import bounds_for
 from tasks.merge import merge_adapters
 from tasks.validate import DEFAULT_PROMPTS, genai_greedy, genai_pipeline, load_prompts, validate_ir
 from tests.support import DemoRepository
+from tests.tasks.makers import tiny_llama
 
 
 def test_shipped_prompt_sets_match_the_demo_generator(demo_sources: DemoSources) -> None:
@@ -148,3 +150,28 @@ def test_the_base_answer_after_an_adapter_request_is_the_fresh_base_answer(demo_
     fresh = genai_greedy(genai_pipeline(base_ir, numerics), ids, 24)
     assert with_adapter != fresh
     assert base_after == fresh
+
+
+@pytest.mark.slow
+def test_a_faithful_export_of_a_random_weight_model_passes(demo_sources: DemoSources, tmp_path: Path) -> None:
+    """Random weights give flat distributions full of near-ties (as the benchmark's model): no reason to refuse."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_llama(tmp_path / "random", layers=3)
+    AutoTokenizer.from_pretrained(demo_sources.base).save_pretrained(base)
+    # init_lora_weights=False: lora_B random too, so the adapter changes the weights (as the benchmark's adapters).
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    lora.save_pretrained(tmp_path / "random-lora")
+    # No references: a random model scores its own greedy continuations, and has no task to be scored on.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in load_prompts(demo_sources.sql_prompts)))
+    for adapters in ([], [tmp_path / "random-lora"]):
+        model = merge_adapters(base, adapters, tmp_path / f"merged-{len(adapters)}") if adapters else base
+        ir = export_openvino(model, tmp_path / f"ir-{len(adapters)}", "fp16").folder
+        report = validate_ir(
+            ir, base, adapters, prompts, "fp16", default_numerics(), min_changed_fraction=0.0
+        )
+        assert report.passed, report.failures
+        assert report.kld_mean is not None and report.kld_mean <= report.bounds.max_kld_mean
