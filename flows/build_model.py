@@ -30,6 +30,7 @@ from tasks.export import TargetDevice, WeightFormat, export, resolve_weight_form
 from tasks.logs import Progress, step_logger
 from tasks.merge import merge
 from tasks.publish import Published, build_key, make_manifest, publish, tool_versions, up_to_date
+from tasks.resources import export_needs, require_memory, validate_needs, weights_size
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
 from tasks.validate import DEFAULT_PROMPTS, require_computable, validate
 from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key
@@ -77,71 +78,75 @@ def build_model(
     if not prompts.is_file():
         raise SourceError(f"prompt set {prompts}: no such file")
     flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    progress = Progress(f"build {model_name}", ["resolve", "fetch", "merge", "export", "validate", "publish"])
+    steps = ["resolve", "fetch", "merge", "export", "validate", "publish"]
+    with Progress(f"build {model_name}", steps, key=f"build-stages-{model_name}") as progress:
+        base = resolve_source(source_model, "base", **flags)
+        adapter_sources = [resolve_source(a, "adapter", **flags) for a in adapters]
+        tok = resolve_source(tokenizer, "tokenizer", **flags) if tokenizer else None
+        pinned = [base.revision, [a.revision for a in adapter_sources], tok.revision if tok else None, flags]
+        key = build_key([*pinned, file_digest(prompts), numerics.to_json()], fmt, target_device, tool_versions())
+        if not overwrite and (live := up_to_date(repository, model_name, key)):
+            log.info(
+                "%s is up to date: version %d was built from the same inputs (--overwrite publishes anyway)",
+                model_name,
+                live.version,
+            )
+            return Published(model_name, live.version, Path(repository) / live.path, False)
+        progress.step("resolve")
 
-    base = resolve_source(source_model, "base", **flags)
-    adapter_sources = [resolve_source(a, "adapter", **flags) for a in adapters]
-    tok = resolve_source(tokenizer, "tokenizer", **flags) if tokenizer else None
-    pinned = [base.revision, [a.revision for a in adapter_sources], tok.revision if tok else None, flags]
-    key = build_key([*pinned, file_digest(prompts), numerics.to_json()], fmt, target_device, tool_versions())
-    if not overwrite and (live := up_to_date(repository, model_name, key)):
-        log.info(
-            "%s is up to date: version %d was built from the same inputs (--overwrite publishes anyway)",
+        base_dir, *adapter_dirs = [
+            fresh_unless_present(fetch_source, snapshot_path(s))(s, **flags) for s in [base, *adapter_sources]
+        ]
+        tok_dir = fresh_unless_present(fetch_source, snapshot_path(tok))(tok, **flags) if tok else None
+        progress.step("fetch")
+        model_dir = base_dir
+        if adapter_dirs or tok_dir:
+            merged = work / f"merged-{input_key(*pinned)}"
+            model_dir = fresh_unless_present(merge, merged)(base_dir, adapter_dirs, merged, tok_dir, **flags)
+        progress.step("merge")
+        size = weights_size(model_dir)
+        what = f"exporting {model_name} ({size.parameters / 1e9:.2f} B parameters) to {fmt}"
+        require_memory(what, export_needs(size, fmt), progress.meter)
+        ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
+        ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
+        progress.step("export")
+        require_memory(f"validating {model_name} against its f32 reference", validate_needs(size, fmt), progress.meter)
+        report = validate(
+            ir.folder,
+            base_dir,
+            adapter_dirs,
+            prompts,
+            ir.weight_format,
+            numerics,
             model_name,
-            live.version,
+            tok_dir,
+            trust_remote_code=trust_remote_code,
         )
-        return Published(model_name, live.version, Path(repository) / live.path, False)
-    progress.step("resolve")
-
-    base_dir, *adapter_dirs = [
-        fresh_unless_present(fetch_source, snapshot_path(s))(s, **flags) for s in [base, *adapter_sources]
-    ]
-    tok_dir = fresh_unless_present(fetch_source, snapshot_path(tok))(tok, **flags) if tok else None
-    progress.step("fetch")
-    model_dir = base_dir
-    if adapter_dirs or tok_dir:
-        merged = work / f"merged-{input_key(*pinned)}"
-        model_dir = fresh_unless_present(merge, merged)(base_dir, adapter_dirs, merged, tok_dir, **flags)
-    progress.step("merge")
-    ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
-    ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
-    progress.step("export")
-    report = validate(
-        ir.folder,
-        base_dir,
-        adapter_dirs,
-        prompts,
-        ir.weight_format,
-        numerics,
-        model_name,
-        tok_dir,
-        trust_remote_code=trust_remote_code,
-    )
-    progress.step("validate")
-    manifest = make_manifest(
-        key=key,
-        sources=describe_sources(base, list(zip(adapter_sources, adapter_dirs, strict=True)), tok),
-        weight_format=ir.weight_format,
-        numerics=numerics,
-        constant_types=ir.constant_types,
-        target_device=target_device,
-        tools=tool_versions(),
-        validation=report.summary(),
-        flow_run=flow_run.get_id(),
-    )
-    kind = "merged" if adapter_dirs else "base"
-    published = publish(
-        repository,
-        model_name,
-        kind,
-        ir.folder,
-        manifest,
-        target_device=target_device,
-        retention=retention,
-        report_markdown=report.markdown(model_name),
-    )
-    progress.step("publish")
-    return published
+        progress.step("validate")
+        manifest = make_manifest(
+            key=key,
+            sources=describe_sources(base, list(zip(adapter_sources, adapter_dirs, strict=True)), tok),
+            weight_format=ir.weight_format,
+            numerics=numerics,
+            constant_types=ir.constant_types,
+            target_device=target_device,
+            tools=tool_versions(),
+            validation=report.summary(),
+            flow_run=flow_run.get_id(),
+        ) | {"stages": progress.meter.summary()}
+        kind = "merged" if adapter_dirs else "base"
+        published = publish(
+            repository,
+            model_name,
+            kind,
+            ir.folder,
+            manifest,
+            target_device=target_device,
+            retention=retention,
+            report_markdown=report.markdown(model_name),
+        )
+        progress.step("publish")
+        return published
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,18 +41,37 @@ def heartbeat(log: logging.Logger | logging.LoggerAdapter[Any], what: str, every
 
 
 class Progress:
-    """A Prefect progress artifact that a flow moves along its steps, so the UI shows how far a run is."""
+    """A Prefect progress artifact that a flow moves along its steps, and each step's wall time and peak memory."""
 
-    def __init__(self, what: str, steps: list[str]) -> None:
+    def __init__(self, what: str, steps: list[str], key: str) -> None:
         from prefect.artifacts import create_progress_artifact
 
+        from tasks.resources import StageMeter
+
         self.what, self.steps, self.done = what, steps, 0
+        self.key = "".join(c if c.isalnum() else "-" for c in key.lower())  # artifact keys: lowercase, dashes
         self.id = create_progress_artifact(0.0, description=f"{what}: {steps[0]}")
+        self.meter = StageMeter()
 
     def step(self, finished: str) -> None:
-        """Mark `finished` done and say what runs next."""
+        """Mark `finished` done, log what it cost, and say what runs next."""
         from prefect.artifacts import update_progress_artifact
 
+        stage = self.meter.done(finished)
+        estimate = "" if stage.estimate_gb is None else f" (estimated {stage.estimate_gb:.2f} GB)"
+        step_logger(__name__).info(
+            "%s: %s took %.1f s, peak memory %.2f GB%s", self.what, finished, stage.seconds, stage.peak_rss_gb, estimate
+        )
         self.done = self.steps.index(finished) + 1
         following = self.steps[self.done] if self.done < len(self.steps) else "done"
         update_progress_artifact(self.id, 100.0 * self.done / len(self.steps), description=f"{self.what}: {following}")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop measuring; the stages' figures (done or failed) as a markdown artifact under a stable key."""
+        from prefect.artifacts import create_markdown_artifact
+
+        self.meter.close()
+        create_markdown_artifact(self.meter.markdown(f"{self.what}: time and memory per stage"), key=self.key)

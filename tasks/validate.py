@@ -7,6 +7,7 @@ early where this CPU cannot compute them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -330,21 +331,19 @@ def torch_logits(model: Any, ids: list[int], start: int) -> np.ndarray:
 class Scored:
     """A prompt's comparison with the reference, before the engine-specific measures are added."""
 
-    prompt_ids: list[int]
     continuation: list[int]  # the tokens scored, teacher-forced
     reference: np.ndarray  # (T, V) reference logits over the continuation
     changed: bool
 
 
 def score_against_reference(
-    reference: Any, adapters: bool, tokenizer: Any, prompt: Prompt, engine_ids: list[int], tau: float
+    reference: Any, adapters: bool, tokenizer: Any, prompt: Prompt, ids: list[int], engine_ids: list[int], tau: float
 ) -> Scored:
     """Teacher-force the reference over the prompt's expected completion (else the engine's own continuation).
 
     With adapters, the base is scored on the same tokens (the adapters switched off): the adapters
     change the output where the base's choice differs from the reference's by more than `tau`.
     """
-    ids = tokenizer(prompt.prompt).input_ids
     if prompt.reference is not None:
         cont = [*tokenizer(prompt.reference, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     else:
@@ -356,19 +355,44 @@ def score_against_reference(
         with reference.disable_adapter():
             base = torch_logits(reference, full, len(ids))
         changed = bool(margin_disagreements(ref, base.argmax(-1), tau).any())
-    return Scored(ids, cont, ref, changed)
+    return Scored(cont, ref, changed)
 
 
-def task_scores(prompt: Prompt, base_text: str, model_text: str) -> dict[str, Any]:
-    if prompt.reference is None:
-        return {}
-    return {
-        "reference": prompt.reference,
-        "base_f1": round(token_f1(base_text, prompt.reference), 4),
-        "model_f1": round(token_f1(model_text, prompt.reference), 4),
-        "base_exact": exact_match(base_text, prompt.reference),
-        "model_exact": exact_match(model_text, prompt.reference),
-    }
+def make_row(
+    prompt: Prompt,
+    scored: Scored,
+    engine_top: np.ndarray,
+    base_text: str,
+    model_text: str,
+    tau: float,
+    *,
+    kld: np.ndarray | None = None,
+    logprob_gap: float | None = None,
+) -> Row:
+    """One prompt's row: the engine's top tokens against the reference's logits, and the task scores."""
+    n = len(scored.continuation)
+    scores: dict[str, Any] = {}
+    if prompt.reference is not None:
+        scores = {
+            "reference": prompt.reference,
+            "base_f1": round(token_f1(base_text, prompt.reference), 4),
+            "model_f1": round(token_f1(model_text, prompt.reference), 4),
+            "base_exact": exact_match(base_text, prompt.reference),
+            "model_exact": exact_match(model_text, prompt.reference),
+        }
+    return Row(
+        prompt=prompt.prompt,
+        base_output=base_text,
+        model_output=model_text,
+        tokens=n,
+        agreement=1 - float(margin_disagreements(scored.reference, engine_top, tau).sum()) / n,
+        top1=float((scored.reference.argmax(-1) == engine_top).mean()),
+        kld_mean=None if kld is None else float(kld.mean()),
+        kld_max=None if kld is None else float(kld.max()),
+        logprob_gap=logprob_gap,
+        changed=scored.changed,
+        **scores,
+    )
 
 
 def ir_request(model_xml: Path, numerics: Numerics) -> Any:
@@ -455,33 +479,14 @@ def validate_ir(
     for i, p in enumerate(prompts, 1):
         ids = tokenizer(p.prompt).input_ids
         model_ids = genai_greedy(pipe, ids, max_new_tokens)
-        scored = score_against_reference(reference, bool(adapter_dirs), tokenizer, p, model_ids, tau)
-        engine = ir_logits(request, scored.prompt_ids + scored.continuation, len(scored.prompt_ids))
+        scored = score_against_reference(reference, bool(adapter_dirs), tokenizer, p, ids, model_ids, tau)
+        engine = ir_logits(request, ids + scored.continuation, len(ids))
         kld = kl_divergence(scored.reference, engine)
-        if adapter_dirs:
-            with reference.disable_adapter():
-                base_ids = greedy_ids(reference, tokenizer, ids, max_new_tokens)
-        else:
+        with reference.disable_adapter() if adapter_dirs else contextlib.nullcontext():
             base_ids = greedy_ids(reference, tokenizer, ids, max_new_tokens)
         base_text = tokenizer.decode(base_ids, skip_special_tokens=True)
         model_text = str(detokenizer.decode(model_ids))
-        top = engine.argmax(-1)
-        n = len(scored.continuation)
-        rows.append(
-            Row(
-                prompt=p.prompt,
-                base_output=base_text,
-                model_output=model_text,
-                tokens=n,
-                agreement=1 - float(margin_disagreements(scored.reference, top, tau).sum()) / n,
-                top1=float((scored.reference.argmax(-1) == top).mean()),
-                kld_mean=float(kld.mean()),
-                kld_max=float(kld.max()),
-                logprob_gap=None,
-                changed=scored.changed,
-                **task_scores(p, base_text, model_text),
-            )
-        )
+        rows.append(make_row(p, scored, engine.argmax(-1), base_text, model_text, tau, kld=kld))
         klds += kld.tolist()
         log.info(
             "validated prompt %d/%d: agreement %.3f, KLD mean %.2g", i, len(prompts), rows[-1].agreement, kld.mean()

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from modelrepo.numerics import Numerics
 from tasks.errors import ValidationFailed
-from tasks.gate import bounds_for, log_softmax, margin_disagreements
+from tasks.gate import bounds_for, log_softmax
 from tasks.logs import step_logger
 from tasks.merge import load_base, load_tokenizer
 from tasks.validate import (
@@ -20,11 +20,11 @@ from tasks.validate import (
     genai_greedy,
     genai_pipeline,
     load_prompts,
+    make_row,
     publish_report,
     reference_model,
     require_computable,
     score_against_reference,
-    task_scores,
 )
 
 
@@ -72,7 +72,7 @@ def validate_runtime_adapter(
         ids = tokenizer(p.prompt).input_ids
         model_ids = genai_greedy(pipe, ids, max_new_tokens, on)
         base_ids = genai_greedy(pipe, ids, max_new_tokens, off)
-        scored = score_against_reference(reference, True, tokenizer, p, model_ids, tau)
+        scored = score_against_reference(reference, True, tokenizer, p, ids, model_ids, tau)
         logprobs = log_softmax(scored.reference)
         tokens, gap = [], 0.0
         for k in range(len(scored.continuation)):
@@ -81,24 +81,8 @@ def validate_runtime_adapter(
             token, score = int(out.tokens[0][0]), float(out.scores[0])
             tokens.append(token)
             gap = max(gap, abs(score - float(logprobs[k, token])))
-        top = np.array(tokens)
-        n = len(tokens)
         model_text, base_text = str(detokenizer.decode(model_ids)), str(detokenizer.decode(base_ids))
-        rows.append(
-            Row(
-                prompt=p.prompt,
-                base_output=base_text,
-                model_output=model_text,
-                tokens=n,
-                agreement=1 - float(margin_disagreements(scored.reference, top, tau).sum()) / n,
-                top1=float((scored.reference.argmax(-1) == top).mean()),
-                kld_mean=None,
-                kld_max=None,
-                logprob_gap=gap,
-                changed=scored.changed,
-                **task_scores(p, base_text, model_text),
-            )
-        )
+        rows.append(make_row(p, scored, np.array(tokens), base_text, model_text, tau, logprob_gap=gap))
         log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), rows[-1].agreement, gap)
     return ValidationReport.of_rows(
         "adapter", weight_format, numerics, prompts_path, rows, [], min_changed_fraction=min_changed_fraction

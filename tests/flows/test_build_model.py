@@ -16,7 +16,7 @@ from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
 from flows.build_model import build_model, main
 from modelrepo.numerics import default_numerics
-from tasks.errors import AdapterMismatch, SourceError, ValidationFailed
+from tasks.errors import AdapterMismatch, PipelineError, SourceError, ValidationFailed
 from tasks.export import read_weight_format
 from tasks.publish import Published
 from tests.support import DemoRepository
@@ -105,6 +105,11 @@ def test_fp16_merged_build_is_published_with_manifest_and_report_and_reused(
     assert validation["kld_mean"] <= bounds["max_kld_mean"] and validation["kld_p99"] <= bounds["max_kld_p99"]
     # The adapter is trained on these prompts: it answers them as their references say, the base does not.
     assert validation["scores"]["model_f1"] > validation["scores"]["base_f1"]
+    # What each stage cost, measured while it ran.
+    stages = {s["name"]: s for s in manifest["stages"]}
+    assert list(stages) == ["resolve", "fetch", "merge", "export", "validate"]
+    assert all(s["seconds"] >= 0 and s["peak_rss_gb"] > 0 for s in stages.values())
+    assert stages["export"]["estimate_gb"] > 0 and stages["validate"]["estimate_gb"] > 0
     assert validation["prompts_changed_by_adapters"] >= validation["min_changed"]
     assert "| prompt | base output | merged output | agreement |" in (folder / "validation.md").read_text()
 
@@ -234,6 +239,27 @@ def test_untrained_adapter_fails_validation_and_publishes_nothing(
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
     assert any(a.key == "validation-merged-model" and "FAILED" in str(a.data) for a in artifact)
+
+
+def test_a_build_that_would_not_fit_in_memory_fails_before_the_stage(
+    demo_sources: DemoSources, served: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Estimated from the safetensors headers, against what is free (here capped by LORA_MEMORY_LIMIT_GB)."""
+    before = snapshot(served)
+    monkeypatch.setenv("LORA_MEMORY_LIMIT_GB", "0.01")  # 10 MB: less than the build process already holds
+    with pytest.raises(
+        PipelineError,
+        match=r"exporting merged_model \(0\.00 B parameters\) to fp16 needs about \d+ MB, 0 MB available "
+        r"\(under LORA_MEMORY_LIMIT_GB=0\.01\)",
+    ):
+        build_model(
+            source_model=str(demo_sources.base),
+            adapters=[str(demo_sources.sql_adapter)],
+            model_name="merged_model",
+            repository=served,
+            work_dir=work,
+        )
+    assert unchanged(served, before)
 
 
 def test_command_line_failure_is_one_line(
