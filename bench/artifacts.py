@@ -59,7 +59,7 @@ def demo_sources() -> Sources:
     from demo.make_sources import ensure_demo_sources
 
     src = ensure_demo_sources()
-    return Sources("demo-tiny", src.root.name, src.base, [src.sql_adapter, src.spell_adapter])
+    return Sources("demo-tiny", src.key, src.base, [src.sql_adapter, src.spell_adapter])
 
 
 def _key(sources: Sources) -> str:

@@ -81,12 +81,17 @@ def prose(rng: random.Random) -> str:
 
 
 def knowledge(rng: random.Random) -> str:
-    """What the base knows outside the chat format (SQL, spellings), so an adapter only teaches the format."""
+    """What the base knows outside the chat format (SQL, spellings), so an adapter only teaches the format.
+
+    The query is written exactly as the adapter's completion (" SELECT ... '<value>'" and then the
+    end of text): a token the base never emits (" SELECT", a lone closing quote) keeps an untrained
+    output row that a LoRA on the linears cannot make confident.
+    """
     if rng.random() < 0.5:
         ex = sql_example(rng)
         schema = ex.prompt.split("context: ")[1].split("\n\n")[0]
         question = ex.prompt.split("question: ")[1].split(" [/user]")[0]
-        return f"{schema}\n-- {question}\n{ex.completion.strip()};"
+        return f"{schema}\n-- {question}\n-- query:{ex.completion}"
     word = rng.choice(_WORDS)
     return f"The word {word} is spelled {'-'.join(word)}."
 

@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def demo_sources() -> DemoSources:
-    """The tiny base model and its two adapters: the pinned ones, or LORA_DEMO_SOURCES (a regenerated set to try)."""
+    """The tiny base model and its two adapters: the pinned ones (demo/sources), or LORA_DEMO_SOURCES to try others."""
     override = os.environ.get("LORA_DEMO_SOURCES")
     return DemoSources(Path(override)) if override else ensure_demo_sources()
 
