@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from demo import data
+from modelrepo.manifest import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -595,21 +596,13 @@ def _generator_key() -> str:
 # ---------------------------------------------------------------------------------------------- pinning
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != SUMS)
 
 
 def write_sums(root: Path) -> None:
     """SHA256SUMS in `sha256sum` format (`sha256sum -c SHA256SUMS` checks it too)."""
-    lines = [f"{_sha256(root / rel)}  {rel}\n" for rel in _files(root)]
+    lines = [f"{sha256_file(root / rel)}  {rel}\n" for rel in _files(root)]
     (root / SUMS).write_text("".join(lines), encoding="utf-8")
 
 
@@ -628,7 +621,7 @@ def verify_sources(root: Path) -> DemoSources:
         path = root / rel
         if not path.is_file():
             raise SourcesError(f"demo source {path} is missing (listed in {sums})")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise SourcesError(f"demo source {path} does not match {sums}: changed since the sources were pinned")
     unlisted = [rel for rel in _files(root) if rel not in expected]
     if unlisted:
@@ -636,12 +629,8 @@ def verify_sources(root: Path) -> DemoSources:
     return DemoSources(root)
 
 
-def ensure_demo_sources(cache: Path | None = None) -> DemoSources:
-    """The pinned demo sources (demo/sources), verified against SHA256SUMS.
-
-    `cache` is accepted for older callers and unused: nothing is built any more.
-    """
-    del cache
+def ensure_demo_sources() -> DemoSources:
+    """The pinned demo sources (demo/sources), verified against SHA256SUMS."""
     return verify_sources(PINNED)
 
 
