@@ -1,9 +1,14 @@
-"""Merge LoRA adapters into their base model with peft, in order, and save a safetensors HF folder."""
+"""Merge LoRA adapters into their base model, in order, and save a safetensors HF folder.
+
+Streamed tensor by tensor from the base's safetensors shards when it can be (tasks.stream_merge: the
+checkpoint's dtype, memory of one weight), else with peft's merge_and_unload on the base in float32.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +18,8 @@ from prefect import task
 
 from tasks.errors import AdapterMismatch, SourceError
 from tasks.logs import heartbeat, step_logger
+from tasks.resources import require_memory, weights_size
+from tasks.stream_merge import NotStreamable, plan_stream_merge, stream_merge
 from tasks.workdir import atomic_output, output_cache_key
 
 # peft's saved keys: base_model.model.<module>.lora_A.weight (and lora_B, lora_embedding_A/B, DoRA magnitudes).
@@ -177,7 +184,11 @@ def merge_adapters(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Check every adapter fits, apply each in turn (merge_and_unload), save the model and tokenizer."""
+    """Check every adapter fits, apply each in turn, save the model and tokenizer.
+
+    Streamed (tasks.stream_merge) when the sources allow it, else peft's merge_and_unload on the base in
+    float32; the log says which ran, and why peft's.
+    """
     from peft import PeftModel
 
     log = step_logger(__name__)
@@ -191,6 +202,23 @@ def merge_adapters(
             base_dir, adapter, vocab_size=len(tokenizer), allow_pickle=allow_pickle, base_shapes=shapes
         )
         log.info("adapter %s fits: rank %d, scale %g, %d modules", adapter, fit.rank, fit.scale, fit.modules)
+    size = weights_size(base_dir)
+    try:
+        plan = plan_stream_merge(base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code)
+    except NotStreamable as why:
+        log.info("peft merge: %s", why)
+        # The base in f32, and merge_and_unload's copy of each merged weight plus what save_pretrained holds.
+        require_memory(f"merging {len(adapter_dirs)} adapters with peft in f32", size.parameters * 4 * 2)
+    else:
+        # One weight at a time: its f32 copy, the f32 delta and the rounded result.
+        require_memory("merging the adapters tensor by tensor", size.largest_tensor * 4 * 3)
+        start = time.monotonic()
+        with atomic_output(out_dir) as tmp, heartbeat(log, f"streaming the merge into {out_dir}"):
+            changed = stream_merge(plan, tmp)
+            tokenizer.save_pretrained(tmp)
+        log.info("streamed merge of %d tensors in %.1f s", changed, time.monotonic() - start)
+        log.info("merged model saved in %s", out_dir)
+        return out_dir
     with heartbeat(log, f"loading base {base_dir.name}"):
         model = load_base(base_dir, tokenizer, trust_remote_code=trust_remote_code, progress=log.info)
     for i, adapter in enumerate(adapter_dirs, 1):

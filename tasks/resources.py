@@ -122,11 +122,12 @@ def require_memory(stage: str, needed: float, meter: StageMeter | None = None) -
 class WeightsSize:
     parameters: int
     bytes_on_disk: int  # in the checkpoint's own dtypes
+    largest_tensor: int  # elements of the largest tensor
 
 
 def weights_size(folder: Path, stem: str = "model") -> WeightsSize:
     """Parameters and bytes of `folder`'s `stem*.safetensors`, from their headers only (nothing is loaded)."""
-    params = nbytes = 0
+    params = nbytes = largest = 0
     for f in sorted(folder.glob(f"{stem}*.safetensors")):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
@@ -137,8 +138,9 @@ def weights_size(folder: Path, stem: str = "model") -> WeightsSize:
             for d in meta["shape"]:
                 n *= d
             params += n
+            largest = max(largest, n)
             nbytes += n * _DTYPE_BYTES.get(meta["dtype"], 4)
-    return WeightsSize(params, nbytes)
+    return WeightsSize(params, nbytes, largest)
 
 
 # Needs per stage, in bytes, from the model's parameter count. Factors measured on a 1.7 B model

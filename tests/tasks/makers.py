@@ -1,9 +1,10 @@
-"""Sources made on the spot for tests: a pickle-only adapter, a base of another shape, an untrained adapter."""
+"""Sources made on the spot for tests: a pickle-only adapter, bases of other shapes or dtypes, random adapters."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def pickled_adapter(src: Path, dest: Path) -> Path:
@@ -17,19 +18,58 @@ def pickled_adapter(src: Path, dest: Path) -> Path:
     return dest
 
 
-def tiny_llama(dest: Path, *, hidden: int = 128, layers: int = 2) -> Path:
-    """A random Llama base of another shape (seconds to make: nothing is trained)."""
+def tiny_llama(
+    dest: Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    vocab: int = 4096,
+    intermediate: int = 352,
+    tie_word_embeddings: bool = False,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+) -> Path:
+    """A random Llama base of another shape (seconds to make: nothing is trained), saved in `dtype`, maybe sharded."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=4096,
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=352,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(dest, safe_serialization=True, **shards)
+    return dest
+
+
+def resaved(src: Path, dest: Path, *, dtype: str, max_shard_size: str) -> Path:
+    """The model folder `src` and its tokenizer saved again in `dtype`, in shards of at most `max_shard_size`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
+    model.save_pretrained(dest, safe_serialization=True, max_shard_size=max_shard_size)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return dest
+
+
+def random_adapter(
+    base: Path, dest: Path, *, targets: tuple[str, ...] = ("q_proj", "v_proj"), r: int = 8, **lora: Any
+) -> Path:
+    """A peft LoRA adapter of `base` with random A and B, so it changes the model; `lora`: more config (use_dora)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **lora)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(dest)
     return dest
 
 
