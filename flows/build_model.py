@@ -110,7 +110,8 @@ def build_model(
         ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
         ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
         progress.step("export")
-        require_memory(f"validating {model_name} against its f32 reference", validate_needs(size, fmt), progress.meter)
+        needs = validate_needs(size, fmt, numerics.inference_precision)
+        require_memory(f"validating {model_name} against its f32 reference", needs, progress.meter)
         report = validate(
             ir.folder,
             base_dir,

@@ -17,6 +17,7 @@ from tasks.validate import (
     MAX_NEW_TOKENS,
     Row,
     ValidationReport,
+    continuation,
     genai_greedy,
     genai_pipeline,
     load_prompts,
@@ -55,7 +56,6 @@ def validate_runtime_adapter(
     require_computable(numerics)
     prompts = load_prompts(prompts_path)
     tokenizer = load_tokenizer(base_dir, tokenizer_dir)
-    reference = reference_model(load_base(base_dir, tokenizer), [adapter_dir])
     tau = bounds_for("adapter", weight_format, numerics.inference_precision).tau
     adapter = openvino_genai.Adapter(str(adapter_dir / "adapter_model.safetensors"))
     # Every adapter must be registered when the pipeline is built; the scale is passed explicitly,
@@ -67,21 +67,28 @@ def validate_runtime_adapter(
     step.max_new_tokens, step.do_sample, step.logprobs = 1, False, 1
     step.adapters = on
 
-    rows: list[Row] = []
-    for i, p in enumerate(prompts, 1):
+    # The engine first, then the torch reference: one model in memory at a time.
+    engine: list[tuple[list[int], list[int], str, str, list[int], list[float]]] = []
+    for p in prompts:
         ids = tokenizer(p.prompt).input_ids
         model_ids = genai_greedy(pipe, ids, max_new_tokens, on)
         base_ids = genai_greedy(pipe, ids, max_new_tokens, off)
-        scored = score_against_reference(reference, True, tokenizer, p, ids, model_ids, tau)
+        cont = continuation(tokenizer, p, model_ids)
+        tokens, scores = [], []
+        for k in range(len(cont)):
+            out = pipe.generate(ov.Tensor(np.array([ids + cont[:k]], dtype=np.int64)), step)
+            tokens.append(int(out.tokens[0][0]))
+            scores.append(float(out.scores[0]))
+        texts = str(detokenizer.decode(model_ids)), str(detokenizer.decode(base_ids))
+        engine.append((ids, cont, *texts, tokens, scores))
+    del pipe, detokenizer
+    reference = reference_model(load_base(base_dir, tokenizer), [adapter_dir])
+
+    rows: list[Row] = []
+    for i, (p, (ids, cont, model_text, base_text, tokens, scores)) in enumerate(zip(prompts, engine, strict=True), 1):
+        scored = score_against_reference(reference, True, ids, cont, tau)
         logprobs = log_softmax(scored.reference)
-        tokens, gap = [], 0.0
-        for k in range(len(scored.continuation)):
-            prefix = ids + scored.continuation[:k]
-            out = pipe.generate(ov.Tensor(np.array([prefix], dtype=np.int64)), step)
-            token, score = int(out.tokens[0][0]), float(out.scores[0])
-            tokens.append(token)
-            gap = max(gap, abs(score - float(logprobs[k, token])))
-        model_text, base_text = str(detokenizer.decode(model_ids)), str(detokenizer.decode(base_ids))
+        gap = max(abs(s - float(logprobs[k, t])) for k, (t, s) in enumerate(zip(tokens, scores, strict=True)))
         rows.append(make_row(p, scored, np.array(tokens), base_text, model_text, tau, logprob_gap=gap))
         log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), rows[-1].agreement, gap)
     return ValidationReport.of_rows(
