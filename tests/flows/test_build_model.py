@@ -15,7 +15,7 @@ import modelrepo
 from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
 from flows.build_model import build_model, main
-from modelrepo.numerics import default_numerics
+from modelrepo.numerics import default_numerics, engine_properties, pinned
 from tasks.errors import AdapterMismatch, PipelineError, SourceError, ValidationFailed
 from tasks.export import read_weight_format
 from tasks.publish import Published
@@ -49,11 +49,13 @@ def task_states(flow_state: Any, expected: set[str]) -> dict[str, str]:
 
 
 def greedy(folder: Path, prompt: str) -> str:
+    """The version's greedy answer, computed with the numerics its manifest pins (as a server computes it)."""
     import openvino_genai
 
     config = openvino_genai.GenerationConfig()
     config.max_new_tokens, config.apply_chat_template = 32, False
-    return str(openvino_genai.LLMPipeline(str(folder), "CPU").generate(prompt, config))
+    numerics = engine_properties(pinned(modelrepo.read_manifest(folder)) or default_numerics())
+    return str(openvino_genai.LLMPipeline(str(folder), "CPU", numerics).generate(prompt, config))
 
 
 @pytest.fixture
