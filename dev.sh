@@ -27,6 +27,10 @@ mkdir -p "$venv_root"
 source "$venv/bin/activate"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_DISABLE_TELEMETRY=1
+# OpenVINO's telemetry (sent by optimum-intel's export) forks a process that opens an HTTPS connection;
+# forked from a threaded build it can deadlock, and the build then never exits (seen here, with no
+# network to reach). Its own opt-out writes ~/intel/openvino_telemetry once.
+[ -e "$HOME/intel/openvino_telemetry" ] || opt_in_out --opt_out >/dev/null 2>&1 || true
 
 cmd="${1:-}"
 shift || true
