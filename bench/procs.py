@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psutil
 
+from tasks.resources import tree_rss
+
 SAMPLE_S = 0.1
 
 
@@ -19,16 +21,6 @@ class Measured:
     wall_s: float
     peak_rss_mb: float
     stdout: str
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 900) -> Measured:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -29,7 +28,8 @@ class Stage:
     estimate_gb: float | None = None  # what the guard expected it to need, when it checked
 
 
-def _tree_rss(process: psutil.Process) -> int:
+def tree_rss(process: psutil.Process) -> int:
+    """The summed RSS of `process` and all its descendants (a flow's Prefect server, an engine's children)."""
     total = 0
     for p in [process, *process.children(recursive=True)]:
         try:
@@ -45,7 +45,7 @@ class StageMeter:
     def __init__(self) -> None:
         self._process = psutil.Process()
         self._lock = threading.Lock()
-        self._peak = _tree_rss(self._process)
+        self._peak = tree_rss(self._process)
         self._start = time.monotonic()
         self._estimate: float | None = None
         self.stages: list[Stage] = []
@@ -55,7 +55,7 @@ class StageMeter:
 
     def _sample(self) -> None:
         while not self._stop.wait(_SAMPLE_S):
-            rss = _tree_rss(self._process)
+            rss = tree_rss(self._process)
             with self._lock:
                 self._peak = max(self._peak, rss)
 
@@ -64,7 +64,7 @@ class StageMeter:
         self._estimate = needed_bytes
 
     def done(self, name: str) -> Stage:
-        rss = _tree_rss(self._process)
+        rss = tree_rss(self._process)
         with self._lock:
             stage = Stage(
                 name,
@@ -96,7 +96,7 @@ def available_bytes() -> float:
     free = float(psutil.virtual_memory().available)
     limit = os.environ.get(MEMORY_LIMIT_ENV)
     if limit:
-        free = min(free, float(limit) * GB - _tree_rss(psutil.Process()))
+        free = min(free, float(limit) * GB - tree_rss(psutil.Process()))
     return max(free, 0.0)
 
 
@@ -127,11 +127,11 @@ class WeightsSize:
 
 def weights_size(folder: Path, stem: str = "model") -> WeightsSize:
     """Parameters and bytes of `folder`'s `stem*.safetensors`, from their headers only (nothing is loaded)."""
+    from tasks.stream_merge import safetensors_header
+
     params = nbytes = largest = 0
     for f in sorted(folder.glob(f"{stem}*.safetensors")):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for name, meta in header.items():
+        for name, meta in safetensors_header(f)[1].items():
             if name == "__metadata__":
                 continue
             n = 1

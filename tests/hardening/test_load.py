@@ -11,7 +11,6 @@ HARDENING_LOAD_SECONDS sets the measured duration (60 s, the issue's figure; sho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ import psutil
 import pytest
 
 from demo.make_sources import DemoSources
+from tasks.resources import tree_rss
 from tests.hardening.conftest import Server
 
 pytestmark = pytest.mark.slow
@@ -162,15 +162,6 @@ def _refused(status: int, headers: httpx.Headers, text: str, tally: Tally) -> No
         tally.fail(f"HTTP {status}: {text[:200]}")
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    """The server's memory: its own and its engine processes'."""
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += child.memory_info().rss
-    return total
-
-
 def _split_rss(pid: int) -> str:
     proc = psutil.Process(pid)
     engines = [c.memory_info().rss for c in proc.children(recursive=True)]
@@ -182,7 +173,7 @@ def _split_rss(pid: int) -> str:
 async def _sample_rss(pid: int, start: float, stop: asyncio.Event, samples: list[tuple[float, int]]) -> None:
     proc = psutil.Process(pid)
     while not stop.is_set():
-        samples.append((time.monotonic() - start, _tree_rss(proc)))
+        samples.append((time.monotonic() - start, tree_rss(proc)))
         await asyncio.sleep(0.25)
 
 
