@@ -78,20 +78,24 @@ class ValidationReport:
         kind: str,
         weight_format: str,
         numerics: Numerics,
+        computed: Numerics,
         prompts: Path,
         rows: list[Row],
         klds: list[float],
         *,
         min_changed_fraction: float,
     ) -> ValidationReport:
-        """The report over `rows` (and every position's KLD), judged against the bounds of its format and numerics."""
+        """The report over `rows` (and every position's KLD), judged against the bounds of its format and numerics.
+
+        `computed`: what this CPU computed with the pinned `numerics` (require_computable's answer).
+        """
         tokens = sum(r.tokens for r in rows)
         gaps = [r.logprob_gap for r in rows if r.logprob_gap is not None]
         return cls(
             kind=kind,
             weight_format=weight_format,
             numerics=numerics.to_json(),
-            effective=effective(numerics).to_json(),
+            effective=computed.to_json(),
             prompts=str(prompts),
             rows=rows,
             bounds=bounds_for(kind, weight_format, numerics.inference_precision),
@@ -464,7 +468,7 @@ def validate_ir(
     path); the reference and the IR then score the same tokens teacher-forced, with full logits.
     """
     log = step_logger(__name__)
-    require_computable(numerics)
+    computed = require_computable(numerics)
     prompts = load_prompts(prompts_path)
     tokenizer = load_tokenizer(base_dir, tokenizer_dir, trust_remote_code=trust_remote_code)
     kind = "merged" if adapter_dirs else "base"
@@ -499,7 +503,7 @@ def validate_ir(
             "validated prompt %d/%d: agreement %.3f, KLD mean %.2g", i, len(prompts), rows[-1].agreement, kld.mean()
         )
     return ValidationReport.of_rows(
-        kind, weight_format, numerics, prompts_path, rows, klds, min_changed_fraction=min_changed_fraction
+        kind, weight_format, numerics, computed, prompts_path, rows, klds, min_changed_fraction=min_changed_fraction
     )
 
 

@@ -53,7 +53,7 @@ def validate_runtime_adapter(
     import openvino_genai
 
     log = step_logger(__name__)
-    require_computable(numerics)
+    computed = require_computable(numerics)
     prompts = load_prompts(prompts_path)
     tokenizer = load_tokenizer(base_dir, tokenizer_dir)
     tau = bounds_for("adapter", weight_format, numerics.inference_precision).tau
@@ -92,7 +92,14 @@ def validate_runtime_adapter(
         rows.append(make_row(p, scored, np.array(tokens), base_text, model_text, tau, logprob_gap=gap))
         log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), rows[-1].agreement, gap)
     return ValidationReport.of_rows(
-        "adapter", weight_format, numerics, prompts_path, rows, [], min_changed_fraction=min_changed_fraction
+        "adapter",
+        weight_format,
+        numerics,
+        computed,
+        prompts_path,
+        rows,
+        [],
+        min_changed_fraction=min_changed_fraction,
     )
 
 
