@@ -30,6 +30,7 @@ from tasks.export import TargetDevice, WeightFormat, export, resolve_weight_form
 from tasks.logs import Progress, step_logger
 from tasks.merge import merge
 from tasks.publish import Published, build_key, make_manifest, publish, tool_versions, up_to_date
+from tasks.reference import reference_needs
 from tasks.resources import export_needs, require_memory, validate_needs, weights_size
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
 from tasks.validate import DEFAULT_PROMPTS, require_computable, validate
@@ -110,7 +111,7 @@ def build_model(
         ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
         ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
         progress.step("export")
-        needs = validate_needs(size, fmt, numerics.inference_precision)
+        needs = validate_needs(size, fmt, reference_needs(base_dir, size))
         require_memory(f"validating {model_name} against its f32 reference", needs, progress.meter)
         report = validate(
             ir.folder,

@@ -99,7 +99,7 @@ def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     return 8 + size, header
 
 
-def _weight_files(base_dir: Path) -> tuple[tuple[str, ...], str | None]:
+def weight_files(base_dir: Path) -> tuple[tuple[str, ...], str | None]:
     """The base's safetensors files, chosen as transformers chooses them: model.safetensors, else the index."""
     if (base_dir / WEIGHTS).is_file():
         return (WEIGHTS,), None
@@ -241,7 +241,7 @@ def plan_stream_merge(
     """
     if sys.byteorder != "little":
         raise NotStreamable(f"this machine is {sys.byteorder}-endian; safetensors data is little-endian")
-    shards, index = _weight_files(base_dir)
+    shards, index = weight_files(base_dir)
     base_header: dict[str, dict[str, Any]] = {}
     for shard in shards:
         base_header |= {k: v for k, v in safetensors_header(base_dir / shard)[1].items() if k != "__metadata__"}

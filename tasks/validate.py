@@ -7,7 +7,6 @@ early where this CPU cannot compute them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +21,8 @@ from modelrepo.numerics import Numerics, capabilities, effective, engine_propert
 from tasks.errors import PipelineError, SourceError, ValidationFailed
 from tasks.gate import Bounds, bounds_for, exact_match, kl_divergence, margin_disagreements, p99, token_f1
 from tasks.logs import step_logger
-from tasks.merge import load_base, load_tokenizer
+from tasks.merge import load_tokenizer
+from tasks.reference import Scores, load_reference
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"
@@ -293,44 +293,6 @@ def require_computable(numerics: Numerics, device: str = "CPU") -> Numerics:
     return got
 
 
-def reference_model(base: Any, adapter_dirs: list[Path]) -> Any:
-    """Base + adapters unmerged, all active at once: the sum of their deltas, as merging them in order gives."""
-    from peft import PeftModel
-
-    if not adapter_dirs:
-        return base
-    model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
-    for i, adapter in enumerate(adapter_dirs[1:], 1):
-        model.load_adapter(adapter, adapter_name=f"a{i}")
-    model.base_model.set_adapter([f"a{i}" for i in range(len(adapter_dirs))])
-    return model.eval()
-
-
-def greedy_ids(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> list[int]:
-    """A torch model's greedy continuation of `ids`."""
-    import torch
-
-    prompt = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def torch_logits(model: Any, ids: list[int], start: int) -> np.ndarray:
-    """(len(ids) - start, V) float32 logits, teacher-forced: row t predicts ids[start + t]."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, start - 1 : len(ids) - 1]
-    return logits.float().numpy()
-
-
 @dataclass(frozen=True)
 class Scored:
     """A prompt's comparison with the reference, before the engine-specific measures are added."""
@@ -347,20 +309,14 @@ def continuation(tokenizer: Any, prompt: Prompt, engine_ids: list[int]) -> list[
     return list(engine_ids) or [tokenizer.eos_token_id]
 
 
-def score_against_reference(reference: Any, adapters: bool, ids: list[int], cont: list[int], tau: float) -> Scored:
-    """Teacher-force the reference over `cont` after the prompt's `ids`.
+def compared(cont: list[int], scores: Scores, tau: float) -> Scored:
+    """What the gate reads from a prompt's reference scores.
 
-    With adapters, the base is scored on the same tokens (the adapters switched off): the adapters
-    change the output where the base's choice differs from the reference's by more than `tau`.
+    The adapters change the output where the base's choice differs from the reference's by more than `tau`.
     """
-    full = ids + cont
-    ref = torch_logits(reference, full, len(ids))
-    changed = False
-    if adapters:
-        with reference.disable_adapter():
-            base = torch_logits(reference, full, len(ids))
-        changed = bool(margin_disagreements(ref, base.argmax(-1), tau).any())
-    return Scored(cont, ref, changed)
+    base = scores.base
+    changed = base is not None and bool(margin_disagreements(scores.reference, base.argmax(-1), tau).any())
+    return Scored(cont, scores.reference, changed)
 
 
 def make_row(
@@ -462,10 +418,12 @@ def validate_ir(
     max_new_tokens: int = MAX_NEW_TOKENS,
     trust_remote_code: bool = False,
 ) -> ValidationReport:
-    """Compare the IR with the torch reference position by position (one forward pass each), and with the base.
+    """Compare the IR with the torch reference position by position, and with the base.
 
     The IR's greedy continuation comes from openvino-genai with the pinned numerics (the serving
-    path); the reference and the IR then score the same tokens teacher-forced, with full logits.
+    path); the reference (tasks/reference.py, streamed layer by layer) and the IR then score the
+    same tokens teacher-forced, with full logits. The base's own answers come from the reference
+    with the adapters off.
     """
     log = step_logger(__name__)
     computed = require_computable(numerics)
@@ -485,19 +443,21 @@ def validate_ir(
     request = ir_request(ir_dir / "openvino_model.xml", numerics)
     engine_logits = [ir_logits(request, ids + c, len(ids)) for ids, c in zip(prompt_ids, conts, strict=True)]
     del request
-    reference = reference_model(load_base(base_dir, tokenizer, trust_remote_code=trust_remote_code), adapter_dirs)
+    reference = load_reference(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
+    sequences = [ids + c for ids, c in zip(prompt_ids, conts, strict=True)]
+    scores = reference.score(sequences, [len(ids) for ids in prompt_ids])
+    log.info("scored %d continuations with the reference", len(sequences))
+    base_ids = reference.greedy_base(prompt_ids, max_new_tokens)
+    del reference
 
     rows: list[Row] = []
     klds: list[float] = []
-    for i, (p, ids, cont, engine, model_text) in enumerate(
-        zip(prompts, prompt_ids, conts, engine_logits, model_texts, strict=True), 1
+    for i, (p, cont, score, engine, model_text, base) in enumerate(
+        zip(prompts, conts, scores, engine_logits, model_texts, base_ids, strict=True), 1
     ):
-        scored = score_against_reference(reference, bool(adapter_dirs), ids, cont, tau)
-        kld = kl_divergence(scored.reference, engine)
-        with reference.disable_adapter() if adapter_dirs else contextlib.nullcontext():
-            base_ids = greedy_ids(reference, tokenizer, ids, max_new_tokens)
-        base_text = tokenizer.decode(base_ids, skip_special_tokens=True)
-        rows.append(make_row(p, scored, engine.argmax(-1), base_text, model_text, tau, kld=kld))
+        kld = kl_divergence(score.reference, engine)
+        base_text = tokenizer.decode(base, skip_special_tokens=True)
+        rows.append(make_row(p, compared(cont, score, tau), engine.argmax(-1), base_text, model_text, tau, kld=kld))
         klds += kld.tolist()
         log.info(
             "validated prompt %d/%d: agreement %.3f, KLD mean %.2g", i, len(prompts), rows[-1].agreement, kld.mean()

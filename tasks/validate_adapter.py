@@ -12,20 +12,20 @@ from modelrepo.numerics import Numerics
 from tasks.errors import ValidationFailed
 from tasks.gate import bounds_for, log_softmax
 from tasks.logs import step_logger
-from tasks.merge import load_base, load_tokenizer
+from tasks.merge import load_tokenizer
+from tasks.reference import load_reference
 from tasks.validate import (
     MAX_NEW_TOKENS,
     Row,
     ValidationReport,
+    compared,
     continuation,
     genai_greedy,
     genai_pipeline,
     load_prompts,
     make_row,
     publish_report,
-    reference_model,
     require_computable,
-    score_against_reference,
 )
 
 
@@ -82,15 +82,19 @@ def validate_runtime_adapter(
         texts = str(detokenizer.decode(model_ids)), str(detokenizer.decode(base_ids))
         engine.append((ids, cont, *texts, tokens, scores))
     del pipe, detokenizer
-    reference = reference_model(load_base(base_dir, tokenizer), [adapter_dir])
+    reference = load_reference(base_dir, [adapter_dir], tokenizer)
+    all_scores = reference.score([ids + cont for ids, cont, *_ in engine], [len(ids) for ids, *_ in engine])
+    del reference
 
     rows: list[Row] = []
-    for i, (p, (ids, cont, model_text, base_text, tokens, scores)) in enumerate(zip(prompts, engine, strict=True), 1):
-        scored = score_against_reference(reference, True, ids, cont, tau)
-        logprobs = log_softmax(scored.reference)
+    for i, (p, (_ids, cont, model_text, base_text, tokens, scores), score) in enumerate(
+        zip(prompts, engine, all_scores, strict=True), 1
+    ):
+        logprobs = log_softmax(score.reference)
         gap = max(abs(s - float(logprobs[k, t])) for k, (t, s) in enumerate(zip(tokens, scores, strict=True)))
-        rows.append(make_row(p, scored, np.array(tokens), base_text, model_text, tau, logprob_gap=gap))
-        log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), rows[-1].agreement, gap)
+        row = make_row(p, compared(cont, score, tau), np.array(tokens), base_text, model_text, tau, logprob_gap=gap)
+        rows.append(row)
+        log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), row.agreement, gap)
     return ValidationReport.of_rows(
         "adapter",
         weight_format,

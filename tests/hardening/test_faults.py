@@ -119,7 +119,7 @@ KILL_POINTS = {
     "fetch": ("tasks.sources:snapshot_path", "enter"),  # the fetch step locating the pinned files
     "merge": ("tasks.merge:atomic_output", "inside"),  # merged weights written, not yet moved into place
     "export": ("tasks.export:atomic_output", "after"),  # IR moved into place, the step not yet returned
-    "validate": ("tasks.validate:torch_logits", "enter"),  # the torch reference being computed
+    "validate": ("tasks.validate:load_reference", "enter"),  # the torch reference being loaded
     "publish": ("modelrepo.publish:_commit", "enter"),  # version folder complete, index not yet replaced
 }
 

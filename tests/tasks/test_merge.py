@@ -126,13 +126,13 @@ def test_adapters_merge_in_order_into_the_sum_of_their_deltas(demo_sources: Demo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.merge import load_base, load_tokenizer
-    from tasks.validate import reference_model
+    from tasks.merge import load_tokenizer
+    from tasks.reference import PeftReference
 
     adapters = [demo_sources.sql_adapter, demo_sources.spell_adapter]
     merged = AutoModelForCausalLM.from_pretrained(merge_adapters(demo_sources.base, adapters, tmp_path / "m"))
     tok = load_tokenizer(demo_sources.base, None)
-    reference = reference_model(load_base(demo_sources.base, tok), adapters)
+    reference = PeftReference(demo_sources.base, adapters, tok).model
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
