@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from tasks.resources import tree_rss
+from tasks.resources import tree_memory
 
 SAMPLE_S = 0.1
 
@@ -21,6 +21,7 @@ class Measured:
     wall_s: float
     peak_rss_mb: float
     stdout: str
+    peak_anon_mb: float = 0.0  # of which not file-backed (memory-mapped weights count in RSS, but can be dropped)
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 900) -> Measured:
@@ -33,13 +34,14 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float 
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
         ps = psutil.Process(proc.pid)
-        peak = 0
+        peak = peak_anon = 0
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal peak
+            nonlocal peak, peak_anon
             while not stop.is_set():
-                peak = max(peak, tree_rss(ps))
+                rss, anon = tree_memory(ps)
+                peak, peak_anon = max(peak, rss), max(peak_anon, anon)
                 stop.wait(SAMPLE_S)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -52,4 +54,4 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float 
         wall = time.perf_counter() - t0
         stop.set()
         sampler.join()
-    return Measured(proc.returncode, wall, peak / 2**20, out.decode(errors="replace"))
+    return Measured(proc.returncode, wall, peak / 2**20, out.decode(errors="replace"), peak_anon / 2**20)

@@ -60,7 +60,13 @@ class Progress:
         stage = self.meter.done(finished)
         estimate = "" if stage.estimate_gb is None else f" (estimated {stage.estimate_gb:.2f} GB)"
         step_logger(__name__).info(
-            "%s: %s took %.1f s, peak memory %.2f GB%s", self.what, finished, stage.seconds, stage.peak_rss_gb, estimate
+            "%s: %s took %.1f s, peak memory %.2f GB (%.2f GB not file-backed)%s",
+            self.what,
+            finished,
+            stage.seconds,
+            stage.peak_rss_gb,
+            stage.peak_anon_gb,
+            estimate,
         )
         self.done = self.steps.index(finished) + 1
         following = self.steps[self.done] if self.done < len(self.steps) else "done"

@@ -26,17 +26,27 @@ class Stage:
     seconds: float
     peak_rss_gb: float  # this process and its children, sampled every 0.1 s during the stage
     estimate_gb: float | None = None  # what the guard expected it to need, when it checked
+    # Of which not file-backed: memory-mapped weights (safetensors, an IR's .bin) count in RSS, but the
+    # kernel can drop them under pressure; anonymous memory is what an out-of-memory kill is about.
+    peak_anon_gb: float | None = None
+
+
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """RSS and anonymous (RSS less file-backed and shared) bytes of `process` and all its descendants."""
+    rss = anon = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            info = p.memory_info()
+        except psutil.Error:  # a child that ended between listing and reading
+            continue
+        rss += info.rss
+        anon += info.rss - getattr(info, "shared", 0)
+    return rss, anon
 
 
 def tree_rss(process: psutil.Process) -> int:
     """The summed RSS of `process` and all its descendants (a flow's Prefect server, an engine's children)."""
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:  # a child that ended between listing and reading
-            continue
-    return total
+    return tree_memory(process)[0]
 
 
 class StageMeter:
@@ -45,7 +55,7 @@ class StageMeter:
     def __init__(self) -> None:
         self._process = psutil.Process()
         self._lock = threading.Lock()
-        self._peak = tree_rss(self._process)
+        self._peak, self._peak_anon = tree_memory(self._process)
         self._start = time.monotonic()
         self._estimate: float | None = None
         self.stages: list[Stage] = []
@@ -55,24 +65,25 @@ class StageMeter:
 
     def _sample(self) -> None:
         while not self._stop.wait(_SAMPLE_S):
-            rss = tree_rss(self._process)
+            rss, anon = tree_memory(self._process)
             with self._lock:
-                self._peak = max(self._peak, rss)
+                self._peak, self._peak_anon = max(self._peak, rss), max(self._peak_anon, anon)
 
     def expect(self, needed_bytes: float) -> None:
         """What the running stage was estimated to need, kept beside what it used."""
         self._estimate = needed_bytes
 
     def done(self, name: str) -> Stage:
-        rss = tree_rss(self._process)
+        rss, anon = tree_memory(self._process)
         with self._lock:
             stage = Stage(
                 name,
                 round(time.monotonic() - self._start, 2),
                 round(max(self._peak, rss) / GB, 3),
                 None if self._estimate is None else round(self._estimate / GB, 3),
+                round(max(self._peak_anon, anon) / GB, 3),
             )
-            self._peak, self._start, self._estimate = rss, time.monotonic(), None
+            self._peak, self._peak_anon, self._start, self._estimate = rss, anon, time.monotonic(), None
         self.stages.append(stage)
         return stage
 
@@ -84,10 +95,16 @@ class StageMeter:
         return [asdict(s) for s in self.stages]
 
     def markdown(self, title: str) -> str:
-        lines = [f"# {title}", "", "| stage | wall time | peak memory | estimated need |", "|---|---|---|---|"]
+        lines = [
+            f"# {title}",
+            "",
+            "| stage | wall time | peak memory (RSS) | of which not file-backed | estimated need |",
+            "|---|---|---|---|---|",
+        ]
         for s in self.stages:
             estimate = "-" if s.estimate_gb is None else f"{s.estimate_gb:.2f} GB"
-            lines.append(f"| {s.name} | {s.seconds:.1f} s | {s.peak_rss_gb:.2f} GB | {estimate} |")
+            memory = f"{s.peak_rss_gb:.2f} GB | {s.peak_anon_gb:.2f} GB"
+            lines.append(f"| {s.name} | {s.seconds:.1f} s | {memory} | {estimate} |")
         return "\n".join(lines) + "\n"
 
 
