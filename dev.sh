@@ -2,7 +2,7 @@
 # Entry points, each on a fresh machine:
 #   ./dev.sh demo    build base_model and merged_model with the flow, serve them, ask both for a completion
 #   ./dev.sh test    the whole test suite
-#   ./dev.sh bench   the benchmarks (writes bench/RESULTS.md)
+#   ./dev.sh bench   the benchmarks (writes bench/RESULTS.md); --large: real-size models (bench/large.py)
 #   ./dev.sh run CMD any command inside the environment (e.g. ./dev.sh run prefect server start)
 # The virtual environment is cached outside the checkout, keyed by a hash of requirements.txt.
 set -euo pipefail

@@ -2,6 +2,7 @@
 
     python -m bench             # the full run on a SmolLM2-135M-shaped model (under 20 min on 2 cores)
     python -m bench --smoke     # every figure once on the tiny demo model, 1-2 short requests each (~1-2 min)
+    python -m bench --large     # real-size models (1.7B and 7B shapes) built, validated and served: bench/large.py
     ./dev.sh bench [--smoke]    # the same, in the project's environment
 
 Every figure is a value and its baseline measured in the same run (see bench/plan.py's Figure).
@@ -131,6 +132,11 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--large" in argv:
+        from bench.large import main as large
+
+        return large([a for a in argv if a != "--large"])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny demo model, 1-2 short requests per figure")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="where results.json and logs go")
