@@ -85,6 +85,7 @@ def _env(work: Path) -> dict[str, str]:
 def _prompts(work: Path) -> Path:
     from tasks.validate import DEFAULT_PROMPTS
 
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "validation-prompts.jsonl"
     path.write_text("\n".join(DEFAULT_PROMPTS.read_text().splitlines()[:VALIDATION_PROMPTS]) + "\n")
     return path
@@ -98,13 +99,14 @@ def build(base: Path, adapter: Path, fmt: str, work: Path, repository: Path, log
     _log(f"building {base.parent.name} {fmt} ...")
     m = run_measured(cmd, _env(work), logs / f"build-{base.parent.name}-{fmt}.log", timeout=4 * 3600)
     body: dict[str, Any] = {"returncode": m.returncode, "wall_s": round(m.wall_s, 1), **_peaks(m)}
-    index = repository / "index.json"
-    if m.returncode == 0 and index.is_file():
-        entry = json.loads(index.read_text())["entries"][f"large-{fmt}"]
-        manifest = json.loads((repository / entry["path"] / "manifest.json").read_text())
+    if m.returncode == 0:
+        from modelrepo import read_index
+
+        entry = read_index(repository).entries[f"large-{fmt}"]
+        manifest = json.loads((repository / entry.path / "manifest.json").read_text())
         body["stages"] = manifest.get("stages")
         body["validation"] = {k: manifest["validation"].get(k) for k in ("passed", "agreement", "kld_mean", "tokens")}
-        body["ir_gb"] = round((repository / entry["path"] / "openvino_model.bin").stat().st_size / 1e9, 2)
+        body["ir_gb"] = round((repository / entry.path / "openvino_model.bin").stat().st_size / 1e9, 2)
     _log(f"  {fmt}: exit {m.returncode}, {body['wall_s']} s, peak {body['peak_rss_gb']} GB")
     return body
 

@@ -412,16 +412,17 @@ def load_reference(
 ) -> Reference:
     """The streamed reference when the sources allow it, else peft's on the whole base (the log says why).
 
-    `resident_bytes`: how much of the model may stay loaded between passes; by default half of what
-    is available beyond the streamed reference's own need.
+    `resident_bytes`: at most how much of the model (with the streamed reference's own need) may stay
+    loaded between passes, and never more than half of what is available beyond that need.
     """
     log = step_logger(__name__)
     try:
         plan = plan_stream_merge(
             base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code
         )
-        if resident_bytes is None:
-            resident_bytes = max(0.0, (available_bytes() - streamed_needs(base_dir)) / 2)
+        need = streamed_needs(base_dir)
+        spare = (available_bytes() - need) / 2
+        resident_bytes = max(0.0, spare if resident_bytes is None else min(spare, resident_bytes - need))
         reference = StreamedReference(
             plan, tokenizer, resident_bytes=resident_bytes, trust_remote_code=trust_remote_code
         )

@@ -23,6 +23,7 @@ from tasks.gate import Bounds, bounds_for, exact_match, kl_divergence, margin_di
 from tasks.logs import step_logger
 from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
+from tasks.resources import compiled_bytes_per_parameter, weights_size
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"
@@ -443,7 +444,11 @@ def validate_ir(
     request = ir_request(ir_dir / "openvino_model.xml", numerics)
     engine_logits = [ir_logits(request, ids + c, len(ids)) for ids, c in zip(prompt_ids, conts, strict=True)]
     del request
-    reference = load_reference(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
+    # The reference keeps loaded no more than the compiled IR held: validation's peak stays the IR's.
+    compiled = weights_size(base_dir).parameters * compiled_bytes_per_parameter(weight_format)
+    reference = load_reference(
+        base_dir, adapter_dirs, tokenizer, resident_bytes=compiled, trust_remote_code=trust_remote_code
+    )
     sequences = [ids + c for ids, c in zip(prompt_ids, conts, strict=True)]
     scores = reference.score(sequences, [len(ids) for ids in prompt_ids])
     log.info("scored %d continuations with the reference", len(sequences))
