@@ -23,20 +23,26 @@ _LOG_LINE = re.compile(r"^(?P<time>\d\d:\d\d:\d\d\.\d+) \| \w+\s+\| (?P<msg>.*)$
 _TASK_DONE = re.compile(r"^Task run '(?P<task>[^']+)' - Finished in state")
 
 
-def _env(plan: Plan, name: str) -> dict[str, str]:
-    """A fresh Prefect home and work folder: the flow must not reuse cached steps from an earlier run."""
-    home = plan.work / name / "prefect-home"
+def flow_env(folder: Path, **extra: str) -> dict[str, str]:
+    """A fresh Prefect home under `folder`: the flow must not reuse cached steps from an earlier run.
+
+    PREFECT_API_URL, when set (the test suite's server), is kept: the flow then starts no server of its own.
+    """
+    home = folder / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
-    # PREFECT_API_URL, when set (the test suite's server), is kept: the flow then starts no server of its own.
     return dict(
         os.environ,
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         DO_NOT_TRACK="1",
-        LORA_WORK_DIR=str(plan.work / name / "work"),
         TOKENIZERS_PARALLELISM="false",
+        **extra,
     )
+
+
+def _env(plan: Plan, name: str) -> dict[str, str]:
+    return flow_env(plan.work / name, LORA_WORK_DIR=str(plan.work / name / "work"))
 
 
 def flow_breakdown(log_text: str) -> dict[str, float]:

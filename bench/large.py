@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from bench.build import flow_env
 from bench.load import http_load
 from bench.procs import Measured, run_measured
 from bench.report import machine, now, versions
@@ -69,19 +70,6 @@ def require_disk(where: Path, needed: int, what: str) -> None:
     _log(f"{what}: needs about {needed / 1e9:.0f} GB of disk, {free / 1e9:.0f} GB free")
 
 
-def _env(work: Path) -> dict[str, str]:
-    home = work / "prefect-home"
-    home.mkdir(parents=True, exist_ok=True)
-    return dict(
-        os.environ,
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        DO_NOT_TRACK="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-
-
 def _prompts(work: Path) -> Path:
     from tasks.validate import DEFAULT_PROMPTS
 
@@ -97,7 +85,7 @@ def build(base: Path, adapter: Path, fmt: str, work: Path, repository: Path, log
            "--model-name", f"large-{fmt}", "--repository", str(repository), "--weight-format", fmt,
            "--work-dir", str(work / "work"), "--prompts", str(_prompts(work))]
     _log(f"building {base.parent.name} {fmt} ...")
-    m = run_measured(cmd, _env(work), logs / f"build-{base.parent.name}-{fmt}.log", timeout=4 * 3600)
+    m = run_measured(cmd, flow_env(work), logs / f"build-{base.parent.name}-{fmt}.log", timeout=4 * 3600)
     body: dict[str, Any] = {"returncode": m.returncode, "wall_s": round(m.wall_s, 1), **_peaks(m)}
     if m.returncode == 0:
         from modelrepo import read_index

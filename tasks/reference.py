@@ -79,6 +79,11 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> set[int]:
     return ids or {tokenizer.eos_token_id}
 
 
+def _pad_id(tokenizer: Any, eos: set[int]) -> int:
+    """The tokenizer's padding token, else an end-of-sequence one (padded positions are masked out or cut)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+
+
 def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
     for n, t in enumerate(ids):
         if t in eos:
@@ -126,7 +131,6 @@ class PeftReference:
 
         import torch
 
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self._eos)
         out = []
         for ids in prompts:
             prompt = torch.tensor([list(ids)])
@@ -136,7 +140,7 @@ class PeftReference:
                     attention_mask=torch.ones_like(prompt),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
-                    pad_token_id=pad,
+                    pad_token_id=_pad_id(self._tokenizer, self._eos),
                 )
             out.append(_until_eos(ids_out[0, len(ids) :].tolist(), self._eos))
         return out
@@ -294,8 +298,7 @@ class StreamedReference:
         import torch
 
         width = max(len(ids) for ids, _ in rows)
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self._eos)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        ids = torch.full((len(rows), width), _pad_id(self._tokenizer, self._eos), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, (seq, _) in enumerate(rows):
             ids[r, : len(seq)] = torch.tensor(list(seq))
@@ -331,15 +334,17 @@ class StreamedReference:
         import torch
         from transformers import GenerationConfig
 
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(self._eos)
         width = max(len(ids) for ids in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        ids = torch.full((len(prompts), width), _pad_id(self._tokenizer, self._eos), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, seq in enumerate(prompts):
             ids[r, width - len(seq) :] = torch.tensor(list(seq))
             mask[r, width - len(seq) :] = 1
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=sorted(self._eos)
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(self._tokenizer, self._eos),
+            eos_token_id=sorted(self._eos),
         )
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
