@@ -37,7 +37,6 @@ from tasks.resources import tree_memory
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Real-size models (`./dev.sh bench --large`)"
-VALIDATION_PROMPTS = 2
 SERVE_TOKENS = 32
 
 
@@ -71,11 +70,15 @@ def require_disk(where: Path, needed: int, what: str) -> None:
 
 
 def _prompts(work: Path) -> Path:
-    from tasks.validate import DEFAULT_PROMPTS
+    """The default prompt set without its expected answers: a random model has no task to be scored on.
+
+    The gate then compares each prompt's own greedy continuation, as for any prompt set without references.
+    """
+    from tasks.validate import DEFAULT_PROMPTS, load_prompts
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / "validation-prompts.jsonl"
-    path.write_text("\n".join(DEFAULT_PROMPTS.read_text().splitlines()[:VALIDATION_PROMPTS]) + "\n")
+    path.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in load_prompts(DEFAULT_PROMPTS)))
     return path
 
 
@@ -173,7 +176,8 @@ def markdown(body: dict[str, Any]) -> str:
     m = body["machine"]
     lines = [SECTION, "", f"Measured {body['finished_at']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
              f"OPTIMIZATION_CAPABILITIES {m['openvino_capabilities']}; numerics {m['numerics']}. Peak memory is the "
-             "summed RSS of the process tree (the flow's own Prefect server included).", ""]
+             "summed RSS of the process tree (the flow's own Prefect server included). Each shape measured at: "
+             + ", ".join(f"{shape} {runs.get('measured_at')}" for shape, runs in body["shapes"].items()) + ".", ""]
     lines += ["| model | command | peak memory (RSS) | not file-backed | wall time | stages: time / peak RSS |",
               "|---|---|---|---|---|---|"]
     for shape, runs in body["shapes"].items():
@@ -224,9 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-large-", dir=cache_root().parent) as tmp:
         for shape in shapes:
             t = time.perf_counter()
-            body["shapes"][shape] = runners[shape](Path(tmp), logs)
+            body["shapes"][shape] = runners[shape](Path(tmp), logs) | {"measured_at": now()}
             _log(f"{shape} done in {time.perf_counter() - t:.0f} s")
     body["finished_at"] = now()
+    # Shapes not run this time keep their last figures, with the date they were measured.
+    previous = args.out / "results.json"
+    if previous.is_file():
+        last = json.loads(previous.read_text())
+        for shape, runs in last.get("shapes", {}).items():
+            if shape not in body["shapes"]:
+                body["shapes"][shape] = {"measured_at": last.get("finished_at")} | runs
     (args.out / "results.json").write_text(json.dumps(body, indent=2) + "\n")
     write_results(body)
     _log(f"wrote {args.out / 'results.json'} and the section of {HERE / 'RESULTS.md'}")

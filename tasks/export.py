@@ -36,7 +36,7 @@ from typing import Any, Literal
 from prefect import task
 
 from tasks import errors
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, SourceError
 from tasks.logs import heartbeat, step_logger
 from tasks.workdir import atomic_output, output_cache_key
 
@@ -109,21 +109,14 @@ def _ov_config(weight_format: WeightFormat) -> Any:
     return OVConfig(quantization_config=OVWeightQuantizationConfig(bits=4, group_size=INT4_GROUP_SIZE, ratio=1.0))
 
 
-def _safetensors_files(model_dir: Path) -> tuple[list[str], str | None]:
-    """The weight files transformers loads from `model_dir` (model.safetensors, else the index's shards) and the index.
+def _safetensors_files(model_dir: Path) -> tuple[tuple[str, ...], str | None]:
+    """The weight files transformers loads from `model_dir`, and the index; none when they are not safetensors."""
+    from tasks.stream_merge import NotStreamable, weight_files
 
-    No files when the weights are in another format or the index names a missing shard.
-    """
-    if (model_dir / "model.safetensors").is_file():
-        return ["model.safetensors"], None
-    index = model_dir / "model.safetensors.index.json"
     try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return [], None
-    if not all((model_dir / s).is_file() for s in shards):
-        return [], None
-    return shards, index.name
+        return weight_files(model_dir)
+    except (NotStreamable, SourceError):  # pickled, or a broken index: main_export reports it as it loads
+        return (), None
 
 
 def _conversion_dtype(model_dir: Path, weight_format: str, trust_remote_code: bool) -> str | None:
@@ -154,15 +147,11 @@ def _conversion_dtype(model_dir: Path, weight_format: str, trust_remote_code: bo
     }
     if not dtypes & (set(_FLOAT_DTYPES) - {target}) or "auto_map" in config:
         return None  # nothing to convert; or remote code, whose loading we do not second-guess
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tasks.stream_merge import NotStreamable, meta_skeleton
 
     try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-            )
-    except Exception:  # main_export reports whatever stops transformers here
+        skeleton = meta_skeleton(model_dir, trust_remote_code)
+    except NotStreamable:  # main_export reports whatever stops transformers here
         return None
     if skeleton._keep_in_fp32_modules or skeleton._keep_in_fp32_modules_strict:
         return None

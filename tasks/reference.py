@@ -156,8 +156,9 @@ class _Lora:
 class StreamedReference:
     """The reference with one decoder layer's weights in memory at a time, read from the safetensors shards.
 
-    `resident_bytes`: layers whose f32 weights fit in this budget stay loaded after their first pass,
-    which saves reading them again on the next (a greedy generation makes one pass per token).
+    `resident_bytes`: while it generates (one pass per token), layers whose f32 weights fit in this
+    budget stay loaded after their first pass, which saves reading them again on the next. A
+    scoring pass reads each layer once and keeps none.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class StreamedReference:
         self._tokenizer = tokenizer
         self._budget = resident_bytes
         self._kept = 0.0
+        self._generating = False
         self._rows: Any = None  # (B,) bool: the batch rows the adapters apply to; None: none
         config = AutoConfig.from_pretrained(plan.base_dir, trust_remote_code=trust_remote_code)
         # Parameters on the meta device, buffers (rotary frequencies) computed as from_pretrained computes them.
@@ -257,7 +259,7 @@ class StreamedReference:
         if not self._loaded[i]:
             nbytes = self._assign(self._layer_params[i])
             self._loaded[i] = True
-            if self._kept + nbytes <= self._budget:
+            if self._generating and self._kept + nbytes <= self._budget:
                 self._kept += nbytes
                 self._resident[i] = True
 
@@ -346,8 +348,12 @@ class StreamedReference:
             pad_token_id=_pad_id(self._tokenizer, self._eos),
             eos_token_id=sorted(self._eos),
         )
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        self._generating = True
+        try:
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        finally:
+            self._generating = False
         return [_until_eos(out[r, width:].tolist(), self._eos) for r in range(len(prompts))]
 
     def close(self) -> None:
@@ -436,7 +442,7 @@ def load_reference(
         require_memory("the PEFT reference (the whole base in f32)", whole_model_needs(weights_size(base_dir)))
         return PeftReference(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
     log.info(
-        "reference: streamed layer by layer from %s, up to %.1f GB of layers kept loaded",
+        "reference: streamed layer by layer from %s (up to %.1f GB of layers kept loaded if it generates)",
         base_dir,
         resident_bytes / GB,
     )

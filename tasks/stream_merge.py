@@ -139,7 +139,7 @@ def _check_config_fields(adapter: Path, acfg: dict[str, Any]) -> None:
         raise NotStreamable(f"adapter {adapter} sets target_modules={targets!r}: peft chooses the modules itself")
 
 
-def _skeleton(base_dir: Path, trust_remote_code: bool) -> Any:
+def meta_skeleton(base_dir: Path, trust_remote_code: bool) -> Any:
     """The base's model on the meta device (no memory): its module types, tied weights and embedding rows."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -246,7 +246,7 @@ def plan_stream_merge(
     for shard in shards:
         base_header |= {k: v for k, v in safetensors_header(base_dir / shard)[1].items() if k != "__metadata__"}
 
-    skeleton = _skeleton(base_dir, trust_remote_code)
+    skeleton = meta_skeleton(base_dir, trust_remote_code)
     rows = skeleton.get_input_embeddings().weight.shape[0]
     if vocab_size > rows:
         raise NotStreamable(f"the tokenizer has {vocab_size} tokens and the embeddings {rows} rows: they must grow")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tasks.logs import step_logger
 from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
 from tasks.resources import compiled_bytes_per_parameter, weights_size
+from tasks.stream_merge import ADAPTER_WEIGHTS, NotStreamable, plan_stream_merge
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"
@@ -39,7 +41,7 @@ class Prompt:
 @dataclass(frozen=True)
 class Row:
     prompt: str
-    base_output: str  # the base alone, greedy (torch for builds, the engine with no adapter for runtime adapters)
+    base_output: str  # the base alone, greedy (ValidationReport.base_answers says from where)
     model_output: str  # the candidate through openvino-genai with the pinned numerics (the serving path), greedy
     tokens: int  # positions compared, teacher-forced
     agreement: float  # margin-aware top-1 agreement with the reference (gate.margin_disagreements)
@@ -71,6 +73,7 @@ class ValidationReport:
     logprob_gap: float | None
     changed: int
     min_changed: int
+    base_answers: str  # where the rows' base outputs come from
     failures: list[str] = field(default_factory=list)
 
     @classmethod
@@ -85,6 +88,7 @@ class ValidationReport:
         klds: list[float],
         *,
         min_changed_fraction: float,
+        base_answers: str,
     ) -> ValidationReport:
         """The report over `rows` (and every position's KLD), judged against the bounds of its format and numerics.
 
@@ -107,6 +111,7 @@ class ValidationReport:
             logprob_gap=max(gaps) if gaps else None,
             changed=sum(r.changed for r in rows),
             min_changed=min_changed(len(rows), min_changed_fraction),
+            base_answers=base_answers,
         ).judge()
 
     @property
@@ -204,6 +209,7 @@ class ValidationReport:
             "prompts_changed_by_adapters": self.changed if self.adapters else None,
             "min_changed": self.min_changed if self.adapters else None,
             "scores": self.scores(),
+            "base_answers": self.base_answers,
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -241,6 +247,7 @@ class ValidationReport:
         if self.logprob_gap is not None:
             lines.append(f"- largest log-probability gap: {self.logprob_gap:.3g} (at most {b.max_logprob_gap})")
         lines.append(f"- bounds measured from: {b.measured}")
+        lines.append(f"- base outputs from {self.base_answers}")
         if self.adapters:
             lines.append(
                 f"- prompts whose greedy completion the adapters change: {self.changed}/{len(self.rows)} "
@@ -379,7 +386,7 @@ def ir_logits(request: Any, ids: list[int], start: int) -> np.ndarray:
 
 
 def genai_pipeline(folder: Path, numerics: Numerics, adapters: Any = None) -> Any:
-    """openvino-genai's pipeline as the server runs it: pinned numerics, continuous batching, no prefix cache.
+    """openvino-genai's ContinuousBatchingPipeline as the server builds it: pinned numerics, no prefix cache.
 
     Prefix caching stays off: its KV blocks are not keyed by adapter, so a base request after an
     adapter request on the same prompt would reuse the adapter's cached prefix.
@@ -388,22 +395,97 @@ def genai_pipeline(folder: Path, numerics: Numerics, adapters: Any = None) -> An
 
     scheduler = openvino_genai.SchedulerConfig()
     scheduler.enable_prefix_caching = False
-    properties: dict[str, Any] = {"scheduler_config": scheduler, **engine_properties(numerics)}
+    properties: dict[str, Any] = dict(engine_properties(numerics))
     if adapters is not None:
         properties["adapters"] = adapters
-    return openvino_genai.LLMPipeline(str(folder), "CPU", properties)
+    return openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
 
 
-def genai_greedy(pipe: Any, ids: list[int], max_new_tokens: int, adapters: Any = None) -> list[int]:
-    """The pipeline's greedy continuation of `ids` (token ids in, token ids out: no chat template)."""
+def genai_generate(pipe: Any, prompts: Sequence[Sequence[int]], config: Any) -> list[Any]:
+    """One `config` for every prompt (token ids, no chat template), all in one continuously batched call."""
     import openvino as ov
+
+    inputs = [ov.Tensor(np.array([list(ids)], dtype=np.int64)) for ids in prompts]
+    return list(pipe.generate(inputs, [config] * len(inputs)))
+
+
+def genai_greedy(
+    pipe: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, adapters: Any = None
+) -> list[list[int]]:
+    """The pipeline's greedy continuation of each prompt, batched."""
     import openvino_genai
 
     config = openvino_genai.GenerationConfig()
     config.max_new_tokens, config.do_sample = max_new_tokens, False
     if adapters is not None:
         config.adapters = adapters
-    return list(pipe.generate(ov.Tensor(np.array([ids], dtype=np.int64)), config).tokens[0])
+    return [list(r.m_generation_ids[0]) for r in genai_generate(pipe, prompts, config)]
+
+
+def subtractable_scales(
+    base_dir: Path, adapter_dirs: list[Path], tokenizer: Any, *, trust_remote_code: bool = False
+) -> dict[Path, float] | str:
+    """Each adapter's one scale, when subtracting `scale * B @ A` at runtime undoes the merge; else why not.
+
+    openvino-genai takes one scale an adapter and applies LoRA to linear layers only: so plain LoRA,
+    one scale over all its modules (no rank or alpha pattern that varies it), no Conv1D.
+    """
+    try:
+        plan = plan_stream_merge(base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code)
+    except NotStreamable as e:
+        return str(e)
+    scales: dict[Path, set[float]] = {a: set() for a in adapter_dirs}
+    for deltas in plan.deltas.values():
+        for d in deltas:
+            if d.fan_in_fan_out:
+                return f"{d.adapter} targets Conv1D weights"
+            scales[d.adapter].add(d.scale)
+    if several := [str(a) for a, s in scales.items() if len(s) > 1]:
+        return f"{', '.join(several)} scale their modules differently (rank or alpha pattern)"
+    return {a: next(iter(s), 0.0) for a, s in scales.items()}
+
+
+def subtracted_base_answers(
+    ir_dir: Path, numerics: Numerics, scales: dict[Path, float], prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """The base's greedy answers through the engine: the merged IR with each adapter subtracted at runtime.
+
+    openvino-genai adds `alpha * B @ A` to the IR's weights: at alpha = -scale that is the base, up
+    to the merged weights' rounding (the same size as the IR's own). One engine run instead of a
+    streamed torch pass over the whole model per generated token.
+    """
+    import openvino_genai
+
+    adapters = {a: openvino_genai.Adapter(str(a / ADAPTER_WEIGHTS)) for a in scales}
+    registered, subtract = openvino_genai.AdapterConfig(), openvino_genai.AdapterConfig()
+    for a, adapter in adapters.items():
+        registered.add(adapter)
+        subtract.add(adapter, -scales[a])
+    return genai_greedy(genai_pipeline(ir_dir, numerics, adapters=registered), prompts, max_new_tokens, subtract)
+
+
+def base_choices(
+    answer: list[int], cont: list[int], base: np.ndarray, adapted: np.ndarray
+) -> tuple[int, int, int]:
+    """Where the reference's choices with and without the adapters differ: how often `answer` takes each.
+
+    `base`, `adapted`: the reference's logits teacher-forced over `cont`, so they cover `answer` for as
+    long as it follows `cont`, and at the first token where it leaves it. Returns (positions where
+    the choices differ, of them where `answer` takes the base's, where it takes the adapted one). A
+    base takes the base's more often; a model that still carries the adapters, the adapted one's.
+    Near-ties the engine's own rounding flips (int8 on a flat random model flips many) land on
+    either or neither.
+    """
+    differ = took_base = took_adapted = 0
+    for k in range(min(len(answer), len(cont))):
+        b, a = int(base[k].argmax()), int(adapted[k].argmax())
+        if b != a:
+            differ += 1
+            took_base += answer[k] == b
+            took_adapted += answer[k] == a
+        if answer[k] != cont[k]:
+            break
+    return differ, took_base, took_adapted
 
 
 def validate_ir(
@@ -423,8 +505,10 @@ def validate_ir(
 
     The IR's greedy continuation comes from openvino-genai with the pinned numerics (the serving
     path); the reference (tasks/reference.py, streamed layer by layer) and the IR then score the
-    same tokens teacher-forced, with full logits. The base's own answers come from the reference
-    with the adapters off.
+    same tokens teacher-forced, with full logits. The base's own answers come from the engine, the
+    adapters subtracted at runtime (subtracted_base_answers), checked against the reference where
+    they follow the scored tokens (base_choices); where the engine cannot subtract them, or the
+    check fails, from the reference itself (one streamed pass per token: slow on a large model).
     """
     log = step_logger(__name__)
     computed = require_computable(numerics)
@@ -434,17 +518,34 @@ def validate_ir(
     tau = bounds_for(kind, weight_format, numerics.inference_precision).tau
     prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
 
-    # One model in memory at a time: compiled for f32 compute, an fp16 IR holds 4 bytes a parameter
-    # (measured: 6.6 GB for 1.6 B parameters), as much as the torch reference.
+    # One model in memory at a time, each released before the next loads.
     pipe = genai_pipeline(ir_dir, numerics)
-    model_ids = [genai_greedy(pipe, ids, max_new_tokens) for ids in prompt_ids]
-    model_texts = [str(pipe.get_tokenizer().decode(m)) for m in model_ids]
-    del pipe
+    model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens)
+    detokenizer = pipe.get_tokenizer()
+    model_texts = [str(detokenizer.decode(m)) for m in model_ids]
+    del pipe, detokenizer
     conts = [continuation(tokenizer, p, m) for p, m in zip(prompts, model_ids, strict=True)]
     request = ir_request(ir_dir / "openvino_model.xml", numerics)
     engine_logits = [ir_logits(request, ids + c, len(ids)) for ids, c in zip(prompt_ids, conts, strict=True)]
     del request
-    # The reference keeps loaded no more than the compiled IR held: validation's peak stays the IR's.
+
+    # The base's answers: for a base build, the candidate's own (the gate compares it with the reference).
+    base_ids: list[list[int]] | None = model_ids
+    base_answers = "the engine: the IR itself (a build of the base)"
+    if adapter_dirs:
+        scales = subtractable_scales(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
+        base_ids, why = None, scales if isinstance(scales, str) else ""
+        if isinstance(scales, dict):
+            try:
+                base_ids = subtracted_base_answers(ir_dir, numerics, scales, prompt_ids, max_new_tokens)
+            except RuntimeError as e:
+                why = f"openvino-genai refused the adapters: {str(e).strip().splitlines()[0]}"
+        base_answers = (
+            "the engine: the IR with the adapters subtracted at runtime, checked against the reference"
+            if base_ids is not None
+            else f"the torch reference ({why}: the engine cannot subtract the adapters)"
+        )
+    # Layers stay loaded only if the reference generates (one pass per token), and no more than the IR held.
     compiled = weights_size(base_dir).parameters * compiled_bytes_per_parameter(weight_format)
     reference = load_reference(
         base_dir, adapter_dirs, tokenizer, resident_bytes=compiled, trust_remote_code=trust_remote_code
@@ -452,7 +553,19 @@ def validate_ir(
     sequences = [ids + c for ids, c in zip(prompt_ids, conts, strict=True)]
     scores = reference.score(sequences, [len(ids) for ids in prompt_ids])
     log.info("scored %d continuations with the reference", len(sequences))
-    base_ids = reference.greedy_base(prompt_ids, max_new_tokens)
+    if adapter_dirs and base_ids is not None:
+        differ, took_base, took_adapted = np.sum(
+            [base_choices(a, c, s.base, s.reference) for a, c, s in zip(base_ids, conts, scores, strict=True)], axis=0
+        )
+        if differ and took_base <= took_adapted:
+            base_ids = None
+            base_answers = (
+                f"the torch reference (at the {differ} positions where the adapters change the reference's choice, "
+                f"the engine's base answers take the base's {took_base} times, the adapted one {took_adapted})"
+            )
+    if base_ids is None:
+        base_ids = reference.greedy_base(prompt_ids, max_new_tokens)
+    log.info("the base's answers: %s", base_answers)
     del reference
 
     rows: list[Row] = []
@@ -468,7 +581,15 @@ def validate_ir(
             "validated prompt %d/%d: agreement %.3f, KLD mean %.2g", i, len(prompts), rows[-1].agreement, kld.mean()
         )
     return ValidationReport.of_rows(
-        kind, weight_format, numerics, computed, prompts_path, rows, klds, min_changed_fraction=min_changed_fraction
+        kind,
+        weight_format,
+        numerics,
+        computed,
+        prompts_path,
+        rows,
+        klds,
+        min_changed_fraction=min_changed_fraction,
+        base_answers=base_answers,
     )
 
 

@@ -20,6 +20,7 @@ from tasks.validate import (
     ValidationReport,
     compared,
     continuation,
+    genai_generate,
     genai_greedy,
     genai_pipeline,
     load_prompts,
@@ -45,11 +46,10 @@ def validate_runtime_adapter(
     """Run the base's IR with the adapter applied at runtime, as the server will (same numerics), and compare.
 
     Against the PEFT reference: margin-aware top-1 agreement over each prompt's expected
-    continuation (else the engine's own), one engine step a position (the engine returns no full
-    logits), and the log-probability gap of the chosen tokens. Against the base: the same pipeline
-    with no adapter, whose prefix cache is off (it is not keyed by adapter).
+    continuation (else the engine's own), one engine step a position, all in one batch (the engine
+    returns no full logits), and the log-probability gap of the chosen tokens. Against the base:
+    the same pipeline with no adapter, whose prefix cache is off (it is not keyed by adapter).
     """
-    import openvino as ov
     import openvino_genai
 
     log = step_logger(__name__)
@@ -67,32 +67,35 @@ def validate_runtime_adapter(
     step.max_new_tokens, step.do_sample, step.logprobs = 1, False, 1
     step.adapters = on
 
-    # The engine first, then the torch reference: one model in memory at a time.
-    engine: list[tuple[list[int], list[int], str, str, list[int], list[float]]] = []
-    for p in prompts:
-        ids = tokenizer(p.prompt).input_ids
-        model_ids = genai_greedy(pipe, ids, max_new_tokens, on)
-        base_ids = genai_greedy(pipe, ids, max_new_tokens, off)
-        cont = continuation(tokenizer, p, model_ids)
-        tokens, scores = [], []
-        for k in range(len(cont)):
-            out = pipe.generate(ov.Tensor(np.array([ids + cont[:k]], dtype=np.int64)), step)
-            tokens.append(int(out.tokens[0][0]))
-            scores.append(float(out.scores[0]))
-        texts = str(detokenizer.decode(model_ids)), str(detokenizer.decode(base_ids))
-        engine.append((ids, cont, *texts, tokens, scores))
+    # The engine first, then the torch reference: one model in memory at a time. Each engine call is
+    # one continuously batched generate over all prompts (or all teacher-forced prefixes).
+    prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
+    model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens, on)
+    base_ids = genai_greedy(pipe, prompt_ids, max_new_tokens, off)
+    conts = [continuation(tokenizer, p, m) for p, m in zip(prompts, model_ids, strict=True)]
+    pairs = enumerate(zip(prompt_ids, conts, strict=True))
+    prefixes = [(i, ids + cont[:k]) for i, (ids, cont) in pairs for k in range(len(cont))]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    chosen: list[list[float]] = [[] for _ in prompts]
+    for (i, _), out in zip(prefixes, genai_generate(pipe, [ids for _, ids in prefixes], step), strict=True):
+        tokens[i].append(int(out.m_generation_ids[0][0]))
+        chosen[i].append(float(out.m_scores[0]))
+    model_texts = [str(detokenizer.decode(m)) for m in model_ids]
+    base_texts = [str(detokenizer.decode(b)) for b in base_ids]
     del pipe, detokenizer
     reference = load_reference(base_dir, [adapter_dir], tokenizer)
-    all_scores = reference.score([ids + cont for ids, cont, *_ in engine], [len(ids) for ids, *_ in engine])
+    all_scores = reference.score(
+        [ids + cont for ids, cont in zip(prompt_ids, conts, strict=True)], [len(ids) for ids in prompt_ids]
+    )
     del reference
 
     rows: list[Row] = []
-    for i, (p, (_ids, cont, model_text, base_text, tokens, scores), score) in enumerate(
-        zip(prompts, engine, all_scores, strict=True), 1
+    for i, (p, cont, score, top, logp, model_text, base_text) in enumerate(
+        zip(prompts, conts, all_scores, tokens, chosen, model_texts, base_texts, strict=True), 1
     ):
         logprobs = log_softmax(score.reference)
-        gap = max(abs(s - float(logprobs[k, t])) for k, (t, s) in enumerate(zip(tokens, scores, strict=True)))
-        row = make_row(p, compared(cont, score, tau), np.array(tokens), base_text, model_text, tau, logprob_gap=gap)
+        gap = max(abs(s - float(logprobs[k, t])) for k, (t, s) in enumerate(zip(top, logp, strict=True)))
+        row = make_row(p, compared(cont, score, tau), np.array(top), base_text, model_text, tau, logprob_gap=gap)
         rows.append(row)
         log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), row.agreement, gap)
     return ValidationReport.of_rows(
@@ -104,6 +107,7 @@ def validate_runtime_adapter(
         rows,
         [],
         min_changed_fraction=min_changed_fraction,
+        base_answers="the engine: the base's IR with no adapter",
     )
 
 

@@ -99,7 +99,7 @@ def test_streamed_greedy_base_is_peft_greedy_where_the_choice_is_clear(demo_sour
     assert any(want != [] for want in expected)
 
 
-def test_keeps_what_its_budget_allows(demo_sources: DemoSources) -> None:
+def test_scoring_keeps_no_layer_and_generating_keeps_what_its_budget_allows(demo_sources: DemoSources) -> None:
     tokenizer = load_tokenizer(demo_sources.base, None)
     plan = plan_stream_merge(demo_sources.base, [demo_sources.sql_adapter], vocab_size=len(tokenizer))
     one_layer = sum(p.numel() * 4 for p in streamed(demo_sources.base, [], tokenizer)._layers[0].parameters())
@@ -107,10 +107,13 @@ def test_keeps_what_its_budget_allows(demo_sources: DemoSources) -> None:
     seqs, starts = sequences(tokenizer)
     first = reference.score(seqs, starts)
     layers = reference._layers
+    assert all(p.is_meta for layer in layers for p in layer.parameters())  # one pass: nothing to keep
+    answers = reference.greedy_base([seqs[0][: starts[0]]], 8)
     assert not any(p.is_meta for p in layers[0].parameters())
     assert all(p.is_meta for layer in layers[1:] for p in layer.parameters())
     for a, b in zip(first, reference.score(seqs, starts), strict=True):  # the kept layer serves the next pass
         assert np.array_equal(a.reference, b.reference)
+    assert reference.greedy_base([seqs[0][: starts[0]]], 8) == answers
 
 
 def test_sources_it_cannot_stream_fall_back_to_peft_and_say_why(

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from demo.data import REFERENCE_PROMPT
@@ -14,9 +15,20 @@ from demo.make_sources import DemoSources
 from modelrepo.numerics import default_numerics
 from tasks.errors import SourceError
 from tasks.export import export_openvino
-from tasks.gate import bounds_for
-from tasks.merge import merge_adapters
-from tasks.validate import DEFAULT_PROMPTS, genai_greedy, genai_pipeline, load_prompts, validate_ir
+from tasks.gate import bounds_for, margin_disagreements
+from tasks.merge import load_tokenizer, merge_adapters
+from tasks.reference import PeftReference
+from tasks.validate import (
+    DEFAULT_PROMPTS,
+    MAX_NEW_TOKENS,
+    base_choices,
+    genai_greedy,
+    genai_pipeline,
+    load_prompts,
+    subtractable_scales,
+    subtracted_base_answers,
+    validate_ir,
+)
 from tests.support import DemoRepository
 from tests.tasks.makers import tiny_llama
 
@@ -62,6 +74,8 @@ def test_an_ir_of_another_merge_fails_against_the_peft_reference(demo_repository
     assert not report.passed
     assert report.agreement < report.bounds.min_agreement and report.kld_mean > report.bounds.max_kld_mean
     assert "agrees with the PEFT reference on" in report.failures[0]
+    # Subtracting spell from base + sql leaves sql: the check sees it, and the reference answers for the base.
+    assert report.base_answers.startswith("the torch reference (at the ") and "base's 0 times" in report.base_answers
     assert len(report.table()) == 6 and set(report.table()[0]) >= {
         "prompt",
         "base output",
@@ -82,6 +96,54 @@ def test_a_faithful_export_passes_with_its_figures_in_the_report(demo_repository
     summary = report.summary()
     assert summary["kld_mean"] <= summary["bounds"]["max_kld_mean"] and summary["tokens"] > 50
     assert summary["scores"]["model_f1"] > summary["scores"]["base_f1"]
+    assert summary["base_answers"].startswith("the engine: the IR with the adapters subtracted at runtime")
+
+
+@pytest.mark.parametrize("adapters", [["sql"], ["sql", "spell"]])
+def test_the_ir_with_its_adapters_subtracted_answers_as_the_base(
+    demo_sources: DemoSources, tmp_path: Path, adapters: list[str]
+) -> None:
+    """Every token of the engine's base answers is the torch base's greedy choice, wherever it has one by tau."""
+    src, numerics = demo_sources, default_numerics()
+    adapter_dirs = [src.root / "adapters" / a for a in adapters]
+    tokenizer = load_tokenizer(src.base, None)
+    ir = export_openvino(merge_adapters(src.base, adapter_dirs, tmp_path / "merged"), tmp_path / "ir", "fp16").folder
+    prompts = [tokenizer(p.prompt).input_ids for p in load_prompts(src.sql_prompts) + load_prompts(src.spell_prompts)]
+    scales = subtractable_scales(src.base, adapter_dirs, tokenizer)
+    assert isinstance(scales, dict) and list(scales) == adapter_dirs
+    answers = subtracted_base_answers(ir, numerics, scales, prompts, MAX_NEW_TOKENS)
+    torch_base = PeftReference(src.base, [], tokenizer)
+    tau = bounds_for("merged", "fp16", numerics.inference_precision).tau
+    for ids, answer in zip(prompts, answers, strict=True):
+        logits = torch_base.score([ids + answer], [len(ids)])[0].reference
+        assert not margin_disagreements(logits, np.array(answer), tau).any(), tokenizer.decode(answer)
+
+    # Checked as validate_ir checks them, along the merged model's answers: the base's answers take the
+    # base's choices, the merged model's (the adapters subtracted at scale 0) do not.
+    merged = genai_greedy(genai_pipeline(ir, numerics), prompts, MAX_NEW_TOKENS)
+    scores = PeftReference(src.base, adapter_dirs, tokenizer).score(
+        [ids + m for ids, m in zip(prompts, merged, strict=True)], [len(ids) for ids in prompts]
+    )
+
+    def choices(candidates: list[list[int]]) -> list[int]:
+        counts = [base_choices(a, m, s.base, s.reference) for a, m, s in zip(candidates, merged, scores, strict=True)]
+        return [sum(c[i] for c in counts) for i in range(3)]
+
+    differ, took_base, took_adapted = choices(answers)
+    assert differ >= len(prompts) // 2 and took_base == differ and took_adapted == 0
+    not_subtracted = subtracted_base_answers(ir, numerics, dict.fromkeys(scales, 0.0), prompts, MAX_NEW_TOKENS)
+    _, took_base, took_adapted = choices(not_subtracted)
+    assert not_subtracted == merged and took_adapted > took_base
+
+
+def test_adapters_the_engine_cannot_subtract_are_named(demo_sources: DemoSources, tmp_path: Path) -> None:
+    adapter = shutil.copytree(demo_sources.sql_adapter, tmp_path / "patterned")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["alpha_pattern"] = {"q_proj": 2 * config["lora_alpha"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(demo_sources.base, None)
+    why = subtractable_scales(demo_sources.base, [adapter], tokenizer)
+    assert why == f"{adapter} scale their modules differently (rank or alpha pattern)"
 
 
 def _scaled_adapter(src: Path, dest: Path, keep: Callable[[str], float]) -> Path:
@@ -145,9 +207,9 @@ def test_the_base_answer_after_an_adapter_request_is_the_fresh_base_answer(demo_
     ids = AutoTokenizer.from_pretrained(src.base)(REFERENCE_PROMPT).input_ids
     adapter = openvino_genai.Adapter(str(src.sql_adapter / "adapter_model.safetensors"))
     pipe = genai_pipeline(base_ir, numerics, adapters=openvino_genai.AdapterConfig(adapter))
-    with_adapter = genai_greedy(pipe, ids, 24, openvino_genai.AdapterConfig(adapter, 2.0))
-    base_after = genai_greedy(pipe, ids, 24, openvino_genai.AdapterConfig())
-    fresh = genai_greedy(genai_pipeline(base_ir, numerics), ids, 24)
+    [with_adapter] = genai_greedy(pipe, [ids], 24, openvino_genai.AdapterConfig(adapter, 2.0))
+    [base_after] = genai_greedy(pipe, [ids], 24, openvino_genai.AdapterConfig())
+    [fresh] = genai_greedy(genai_pipeline(base_ir, numerics), [ids], 24)
     assert with_adapter != fresh
     assert base_after == fresh
 
