@@ -14,6 +14,7 @@ from tasks.gate import bounds_for, log_softmax
 from tasks.logs import step_logger
 from tasks.merge import load_tokenizer
 from tasks.reference import load_reference
+from tasks.stream_merge import ADAPTER_WEIGHTS
 from tasks.validate import (
     MAX_NEW_TOKENS,
     Row,
@@ -57,7 +58,7 @@ def validate_runtime_adapter(
     prompts = load_prompts(prompts_path)
     tokenizer = load_tokenizer(base_dir, tokenizer_dir)
     tau = bounds_for("adapter", weight_format, numerics.inference_precision).tau
-    adapter = openvino_genai.Adapter(str(adapter_dir / "adapter_model.safetensors"))
+    adapter = openvino_genai.Adapter(str(adapter_dir / ADAPTER_WEIGHTS))
     # Every adapter must be registered when the pipeline is built; the scale is passed explicitly,
     # since openvino-genai ignores adapter_config.json.
     pipe = genai_pipeline(base_ir, numerics, adapters=openvino_genai.AdapterConfig(adapter))
