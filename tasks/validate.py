@@ -22,6 +22,7 @@ from modelrepo.numerics import Numerics, capabilities, effective, engine_propert
 from tasks.errors import PipelineError, SourceError, ValidationFailed
 from tasks.gate import Bounds, bounds_for, exact_match, kl_divergence, margin_disagreements, p99, token_f1
 from tasks.logs import step_logger
+from tasks.mapped import released_pages
 from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
 from tasks.resources import compiled_bytes_per_parameter, weights_size
@@ -518,33 +519,35 @@ def validate_ir(
     tau = bounds_for(kind, weight_format, numerics.inference_precision).tau
     prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
 
-    # One model in memory at a time, each released before the next loads.
-    pipe = genai_pipeline(ir_dir, numerics)
-    model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens)
-    detokenizer = pipe.get_tokenizer()
-    model_texts = [str(detokenizer.decode(m)) for m in model_ids]
-    del pipe, detokenizer
-    conts = [continuation(tokenizer, p, m) for p, m in zip(prompts, model_ids, strict=True)]
-    request = ir_request(ir_dir / "openvino_model.xml", numerics)
-    engine_logits = [ir_logits(request, ids + c, len(ids)) for ids, c in zip(prompt_ids, conts, strict=True)]
-    del request
+    # One model in memory at a time, each released before the next loads; the IR's mapped weights
+    # released as the engine copies them (tasks/mapped.py), so they are not held twice.
+    with released_pages([ir_dir / "openvino_model.bin"]):
+        pipe = genai_pipeline(ir_dir, numerics)
+        model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens)
+        detokenizer = pipe.get_tokenizer()
+        model_texts = [str(detokenizer.decode(m)) for m in model_ids]
+        del pipe, detokenizer
+        conts = [continuation(tokenizer, p, m) for p, m in zip(prompts, model_ids, strict=True)]
+        request = ir_request(ir_dir / "openvino_model.xml", numerics)
+        engine_logits = [ir_logits(request, ids + c, len(ids)) for ids, c in zip(prompt_ids, conts, strict=True)]
+        del request
 
-    # The base's answers: for a base build, the candidate's own (the gate compares it with the reference).
-    base_ids: list[list[int]] | None = model_ids
-    base_answers = "the engine: the IR itself (a build of the base)"
-    if adapter_dirs:
-        scales = subtractable_scales(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
-        base_ids, why = None, scales if isinstance(scales, str) else ""
-        if isinstance(scales, dict):
-            try:
-                base_ids = subtracted_base_answers(ir_dir, numerics, scales, prompt_ids, max_new_tokens)
-            except RuntimeError as e:
-                why = f"openvino-genai refused the adapters: {str(e).strip().splitlines()[0]}"
-        base_answers = (
-            "the engine: the IR with the adapters subtracted at runtime, checked against the reference"
-            if base_ids is not None
-            else f"the torch reference ({why}: the engine cannot subtract the adapters)"
-        )
+        # The base's answers: for a base build, the candidate's own (the gate compares it with the reference).
+        base_ids: list[list[int]] | None = model_ids
+        base_answers = "the engine: the IR itself (a build of the base)"
+        if adapter_dirs:
+            scales = subtractable_scales(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
+            base_ids, why = None, scales if isinstance(scales, str) else ""
+            if isinstance(scales, dict):
+                try:
+                    base_ids = subtracted_base_answers(ir_dir, numerics, scales, prompt_ids, max_new_tokens)
+                except RuntimeError as e:
+                    why = f"openvino-genai refused the adapters: {str(e).strip().splitlines()[0]}"
+            base_answers = (
+                "the engine: the IR with the adapters subtracted at runtime, checked against the reference"
+                if base_ids is not None
+                else f"the torch reference ({why}: the engine cannot subtract the adapters)"
+            )
     # Layers stay loaded only if the reference generates (one pass per token), and no more than the IR held.
     compiled = weights_size(base_dir).parameters * compiled_bytes_per_parameter(weight_format)
     reference = load_reference(

@@ -12,6 +12,7 @@ from modelrepo.numerics import Numerics
 from tasks.errors import ValidationFailed
 from tasks.gate import bounds_for, log_softmax
 from tasks.logs import step_logger
+from tasks.mapped import released_pages
 from tasks.merge import load_tokenizer
 from tasks.reference import load_reference
 from tasks.stream_merge import ADAPTER_WEIGHTS
@@ -59,31 +60,33 @@ def validate_runtime_adapter(
     tokenizer = load_tokenizer(base_dir, tokenizer_dir)
     tau = bounds_for("adapter", weight_format, numerics.inference_precision).tau
     adapter = openvino_genai.Adapter(str(adapter_dir / ADAPTER_WEIGHTS))
-    # Every adapter must be registered when the pipeline is built; the scale is passed explicitly,
-    # since openvino-genai ignores adapter_config.json.
-    pipe = genai_pipeline(base_ir, numerics, adapters=openvino_genai.AdapterConfig(adapter))
-    detokenizer = pipe.get_tokenizer()
-    on, off = openvino_genai.AdapterConfig(adapter, scale), openvino_genai.AdapterConfig()
-    step = openvino_genai.GenerationConfig()
-    step.max_new_tokens, step.do_sample, step.logprobs = 1, False, 1
-    step.adapters = on
+    # The IR's mapped weights released as the engine copies them (tasks/mapped.py).
+    with released_pages([base_ir / "openvino_model.bin"]):
+        # Every adapter must be registered when the pipeline is built; the scale is passed explicitly,
+        # since openvino-genai ignores adapter_config.json.
+        pipe = genai_pipeline(base_ir, numerics, adapters=openvino_genai.AdapterConfig(adapter))
+        detokenizer = pipe.get_tokenizer()
+        on, off = openvino_genai.AdapterConfig(adapter, scale), openvino_genai.AdapterConfig()
+        step = openvino_genai.GenerationConfig()
+        step.max_new_tokens, step.do_sample, step.logprobs = 1, False, 1
+        step.adapters = on
 
-    # The engine first, then the torch reference: one model in memory at a time. Each engine call is
-    # one continuously batched generate over all prompts (or all teacher-forced prefixes).
-    prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
-    model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens, on)
-    base_ids = genai_greedy(pipe, prompt_ids, max_new_tokens, off)
-    conts = [continuation(tokenizer, p, m) for p, m in zip(prompts, model_ids, strict=True)]
-    pairs = enumerate(zip(prompt_ids, conts, strict=True))
-    prefixes = [(i, ids + cont[:k]) for i, (ids, cont) in pairs for k in range(len(cont))]
-    tokens: list[list[int]] = [[] for _ in prompts]
-    chosen: list[list[float]] = [[] for _ in prompts]
-    for (i, _), out in zip(prefixes, genai_generate(pipe, [ids for _, ids in prefixes], step), strict=True):
-        tokens[i].append(int(out.m_generation_ids[0][0]))
-        chosen[i].append(float(out.m_scores[0]))
-    model_texts = [str(detokenizer.decode(m)) for m in model_ids]
-    base_texts = [str(detokenizer.decode(b)) for b in base_ids]
-    del pipe, detokenizer
+        # The engine first, then the torch reference: one model in memory at a time. Each engine call is
+        # one continuously batched generate over all prompts (or all teacher-forced prefixes).
+        prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
+        model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens, on)
+        base_ids = genai_greedy(pipe, prompt_ids, max_new_tokens, off)
+        conts = [continuation(tokenizer, p, m) for p, m in zip(prompts, model_ids, strict=True)]
+        pairs = enumerate(zip(prompt_ids, conts, strict=True))
+        prefixes = [(i, ids + cont[:k]) for i, (ids, cont) in pairs for k in range(len(cont))]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        chosen: list[list[float]] = [[] for _ in prompts]
+        for (i, _), out in zip(prefixes, genai_generate(pipe, [ids for _, ids in prefixes], step), strict=True):
+            tokens[i].append(int(out.m_generation_ids[0][0]))
+            chosen[i].append(float(out.m_scores[0]))
+        model_texts = [str(detokenizer.decode(m)) for m in model_ids]
+        base_texts = [str(detokenizer.decode(b)) for b in base_ids]
+        del pipe, detokenizer
     reference = load_reference(base_dir, [adapter_dir], tokenizer)
     all_scores = reference.score(
         [ids + cont for ids, cont in zip(prompt_ids, conts, strict=True)], [len(ids) for ids in prompt_ids]
