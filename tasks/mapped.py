@@ -4,7 +4,7 @@ OpenVINO's CPU plugin memory-maps an IR's `.bin` and, at the first inference, co
 weight it multiplies into a packed layout of its own; it never reads those pages of the map
 again (embedding rows aside). The pages stay resident in the process and are counted in its RSS
 next to the copy: 3.6 GB on top of 3.5 GB for a 1.7 B-parameter fp16 IR. They are clean and
-the kernel would drop them under pressure, but a build or a server would look, and be limited,
+the kernel would drop them under pressure, but the build would look, and be limited by memory guards,
 at twice its size. llama.cpp drops the map after its own repacking for the same reason.
 
 While `released_pages` is active, a thread advises the kernel every `every_s` seconds that the
