@@ -44,6 +44,8 @@ def mapped_ranges(paths: Iterable[Path]) -> list[tuple[int, int]]:
     """(start, length) of this process's read-only memory maps of `paths`.
 
     Writable maps are left out: on a private one, MADV_DONTNEED would discard what was written.
+    Read from /proc/self/maps, not psutil's memory_maps: that reads smaps, which counts the pages of
+    every map (measured: 68 ms with a 3.6 GB map resident, against 0.24 ms), too slow for every `every_s`.
     """
     names = {str(Path(p).resolve()) for p in paths}
     ranges = []
@@ -57,17 +59,11 @@ def mapped_ranges(paths: Iterable[Path]) -> list[tuple[int, int]]:
 
 
 def resident_bytes(paths: Iterable[Path]) -> int:
-    """Bytes of the maps of `paths` resident in this process now (/proc/self/smaps), 0 where unknown."""
+    """Bytes of the maps of `paths` resident in this process now."""
+    import psutil
+
     names = {str(Path(p).resolve()) for p in paths}
-    total, inside = 0, False
-    with contextlib.suppress(OSError), open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split(maxsplit=5)
-            if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                inside = len(fields) == 6 and fields[5].rstrip("\n") in names
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1]) * 1024
-    return total
+    return sum(m.rss for m in psutil.Process().memory_maps(grouped=True) if m.path in names)
 
 
 def release(paths: Iterable[Path]) -> int:
