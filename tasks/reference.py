@@ -420,17 +420,20 @@ def load_reference(
     *,
     resident_bytes: float | None = None,
     trust_remote_code: bool = False,
+    plan: StreamPlan | None = None,
 ) -> Reference:
     """The streamed reference when the sources allow it, else peft's on the whole base (the log says why).
 
     `resident_bytes`: at most how much of the model (with the streamed reference's own need) may stay
     loaded between passes, and never more than half of what is available beyond that need.
+    `plan`: plan_stream_merge's answer for these sources, when the caller already has it.
     """
     log = step_logger(__name__)
     try:
-        plan = plan_stream_merge(
-            base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code
-        )
+        if plan is None:
+            plan = plan_stream_merge(
+                base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code
+            )
         need = streamed_needs(base_dir)
         spare = (available_bytes() - need) / 2
         resident_bytes = max(0.0, spare if resident_bytes is None else min(spare, resident_bytes - need))

@@ -26,7 +26,7 @@ from tasks.mapped import released_pages
 from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
 from tasks.resources import compiled_bytes_per_parameter, weights_size
-from tasks.stream_merge import ADAPTER_WEIGHTS, NotStreamable, plan_stream_merge
+from tasks.stream_merge import ADAPTER_WEIGHTS, NotStreamable, StreamPlan, plan_stream_merge
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"
@@ -423,18 +423,12 @@ def genai_greedy(
     return [list(r.m_generation_ids[0]) for r in genai_generate(pipe, prompts, config)]
 
 
-def subtractable_scales(
-    base_dir: Path, adapter_dirs: list[Path], tokenizer: Any, *, trust_remote_code: bool = False
-) -> dict[Path, float] | str:
+def subtractable_scales(plan: StreamPlan, adapter_dirs: list[Path]) -> dict[Path, float] | str:
     """Each adapter's one scale, when subtracting `scale * B @ A` at runtime undoes the merge; else why not.
 
     openvino-genai takes one scale an adapter and applies LoRA to linear layers only: so plain LoRA,
     one scale over all its modules (no rank or alpha pattern that varies it), no Conv1D.
     """
-    try:
-        plan = plan_stream_merge(base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code)
-    except NotStreamable as e:
-        return str(e)
     scales: dict[Path, set[float]] = {a: set() for a in adapter_dirs}
     for deltas in plan.deltas.values():
         for d in deltas:
@@ -535,8 +529,16 @@ def validate_ir(
         # The base's answers: for a base build, the candidate's own (the gate compares it with the reference).
         base_ids: list[list[int]] | None = model_ids
         base_answers = "the engine: the IR itself (a build of the base)"
+        plan: StreamPlan | None = None
         if adapter_dirs:
-            scales = subtractable_scales(base_dir, adapter_dirs, tokenizer, trust_remote_code=trust_remote_code)
+            # Planned once: the scales here, the streamed reference below.
+            try:
+                plan = plan_stream_merge(
+                    base_dir, adapter_dirs, vocab_size=len(tokenizer), trust_remote_code=trust_remote_code
+                )
+                scales = subtractable_scales(plan, adapter_dirs)
+            except NotStreamable as e:
+                scales = str(e)
             base_ids, why = None, scales if isinstance(scales, str) else ""
             if isinstance(scales, dict):
                 try:
@@ -551,7 +553,7 @@ def validate_ir(
     # Layers stay loaded only if the reference generates (one pass per token), and no more than the IR held.
     compiled = weights_size(base_dir).parameters * compiled_bytes_per_parameter(weight_format)
     reference = load_reference(
-        base_dir, adapter_dirs, tokenizer, resident_bytes=compiled, trust_remote_code=trust_remote_code
+        base_dir, adapter_dirs, tokenizer, resident_bytes=compiled, trust_remote_code=trust_remote_code, plan=plan
     )
     sequences = [ids + c for ids, c in zip(prompt_ids, conts, strict=True)]
     scores = reference.score(sequences, [len(ids) for ids in prompt_ids])

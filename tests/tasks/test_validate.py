@@ -18,6 +18,7 @@ from tasks.export import export_openvino
 from tasks.gate import bounds_for, margin_disagreements
 from tasks.merge import load_tokenizer, merge_adapters
 from tasks.reference import PeftReference
+from tasks.stream_merge import plan_stream_merge
 from tasks.validate import (
     DEFAULT_PROMPTS,
     MAX_NEW_TOKENS,
@@ -109,7 +110,7 @@ def test_the_ir_with_its_adapters_subtracted_answers_as_the_base(
     tokenizer = load_tokenizer(src.base, None)
     ir = export_openvino(merge_adapters(src.base, adapter_dirs, tmp_path / "merged"), tmp_path / "ir", "fp16").folder
     prompts = [tokenizer(p.prompt).input_ids for p in load_prompts(src.sql_prompts) + load_prompts(src.spell_prompts)]
-    scales = subtractable_scales(src.base, adapter_dirs, tokenizer)
+    scales = subtractable_scales(plan_stream_merge(src.base, adapter_dirs, vocab_size=len(tokenizer)), adapter_dirs)
     assert isinstance(scales, dict) and list(scales) == adapter_dirs
     answers = subtracted_base_answers(ir, numerics, scales, prompts, MAX_NEW_TOKENS)
     torch_base = PeftReference(src.base, [], tokenizer)
@@ -142,7 +143,7 @@ def test_adapters_the_engine_cannot_subtract_are_named(demo_sources: DemoSources
     config["alpha_pattern"] = {"q_proj": 2 * config["lora_alpha"]}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     tokenizer = load_tokenizer(demo_sources.base, None)
-    why = subtractable_scales(demo_sources.base, [adapter], tokenizer)
+    why = subtractable_scales(plan_stream_merge(demo_sources.base, [adapter], vocab_size=len(tokenizer)), [adapter])
     assert why == f"{adapter} scale their modules differently (rank or alpha pattern)"
 
 
