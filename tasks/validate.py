@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from prefect import task
 
+from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics, capabilities, effective, engine_properties
 from tasks.errors import PipelineError, SourceError, ValidationFailed
 from tasks.gate import Bounds, bounds_for, exact_match, kl_divergence, margin_disagreements, p99, token_f1
 from tasks.logs import step_logger
-from tasks.mapped import released_pages
 from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
 from tasks.resources import compiled_bytes_per_parameter, weights_size

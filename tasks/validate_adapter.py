@@ -8,11 +8,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics
 from tasks.errors import ValidationFailed
 from tasks.gate import bounds_for, log_softmax
 from tasks.logs import step_logger
-from tasks.mapped import released_pages
 from tasks.merge import load_tokenizer
 from tasks.reference import load_reference
 from tasks.stream_merge import ADAPTER_WEIGHTS

@@ -15,6 +15,7 @@ import pytest
 
 import modelrepo
 from demo.data import REFERENCE_PROMPT
+from modelrepo.mapped import mapped_ranges, resident_bytes
 from serving.engine import Engine, Request
 from serving.engine_core import (
     AdapterSpec,
@@ -173,6 +174,21 @@ def test_a_failed_step_fails_its_requests_and_the_core_goes_on(demo_repository: 
     assert job_id == 1 and isinstance(event, Failed) and "device lost" in event.message
     assert not core.busy
     assert _core_text(core, Job(2, ids, config_fields(config), None)) == expected
+
+
+def test_the_core_releases_the_mapped_weights_the_plugin_has_copied(demo_repository: DemoRepository) -> None:
+    # merged_model: no other core of this process maps its .bin (the test above serves base_model).
+    repo = demo_repository.root
+    folder = repo / modelrepo.read_index(repo).entries["merged_model"].path
+    weights = folder / "openvino_model.bin"
+    core = EngineCore(folder, [], EngineSettings())
+    config = ov_genai.GenerationConfig(str(folder / "generation_config.json"))
+    config.max_new_tokens = 8
+    ids = list(ov_genai.Tokenizer(str(folder)).encode(REFERENCE_PROMPT).input_ids.data[0])
+    assert mapped_ranges([weights]), "OpenVINO no longer maps the IR's weights: nothing to release"
+    assert _core_text(core, Job(0, ids, config_fields(config), None))
+    # Without the release, every page the first inference read (all the weights it copied) stays resident.
+    assert resident_bytes([weights]) < weights.stat().st_size / 10
 
 
 def test_a_generation_config_crosses_the_process_boundary_unchanged() -> None:

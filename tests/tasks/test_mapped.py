@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.mapped import mapped_ranges, release, released_pages, resident_bytes
+from modelrepo.mapped import mapped_ranges, release, released_pages, resident_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED on /proc/self/maps: Linux")
 
