@@ -11,12 +11,14 @@ Layout (see ../shared/DESIGN.md)::
 """
 
 from modelrepo.errors import RepositoryError
-from modelrepo.index import Entry, Index, read_index
+from modelrepo.index import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Entry, Index, read_index
 from modelrepo.manifest import MANIFEST, hash_files, read_manifest, verify_version
 from modelrepo.names import check_name
 from modelrepo.publish import commit_entry, publish_version, remove_entry, rollback
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
     "MANIFEST",
     "Entry",
     "Index",

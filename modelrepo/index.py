@@ -16,6 +16,9 @@ INDEX = "index.json"
 FORMAT = 1
 Kind = Literal["merged", "base", "adapter"]
 KINDS: tuple[str, ...] = ("merged", "base", "adapter")
+# An adapter version holds PEFT's two files under PEFT's names: what the pipeline stages, the server loads.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from modelrepo.numerics import Numerics, pinned
 
 MODEL_XML = "openvino_model.xml"
 GENERATION_CONFIG = "generation_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # When config.json names no context length: a conservative default rather than unlimited.
 DEFAULT_CONTEXT = 2048
 

@@ -28,11 +28,10 @@ from pathlib import Path
 import watchfiles
 
 import modelrepo
-from modelrepo import Entry, Index
+from modelrepo import ADAPTER_WEIGHTS, Entry, Index
 from serving.engine import Engine, load_engine
 from serving.engine_core import AdapterSpec, EngineSettings
 from serving.errors import ModelNotFound, NotReady
-from serving.modelinfo import ADAPTER_WEIGHTS
 
 log = logging.getLogger(__name__)
 

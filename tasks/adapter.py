@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from modelrepo import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tasks.errors import SourceError
 from tasks.logs import step_logger
 from tasks.merge import check_adapter_fits
@@ -20,8 +21,8 @@ def stage_adapter(adapter_dir: Path, out_dir: Path, *, allow_pickle: bool = Fals
     if out_dir.is_dir():
         return out_dir
     with atomic_output(out_dir) as tmp:
-        shutil.copy2(adapter_dir / "adapter_config.json", tmp)
-        weights = adapter_dir / "adapter_model.safetensors"
+        shutil.copy2(adapter_dir / ADAPTER_CONFIG, tmp)
+        weights = adapter_dir / ADAPTER_WEIGHTS
         if weights.is_file():
             shutil.copy2(weights, tmp)
         elif allow_pickle and (adapter_dir / "adapter_model.bin").is_file():
@@ -30,10 +31,10 @@ def stage_adapter(adapter_dir: Path, out_dir: Path, *, allow_pickle: bool = Fals
 
             log.info("converting %s/adapter_model.bin to safetensors", adapter_dir)
             state = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS)
         else:
             raise SourceError(
-                f"adapter {adapter_dir} has no adapter_model.safetensors (--allow-pickle converts a .bin)"
+                f"adapter {adapter_dir} has no {ADAPTER_WEIGHTS} (--allow-pickle converts a .bin)"
             )
     return out_dir
 

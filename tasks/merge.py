@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import task
 
+from modelrepo import ADAPTER_CONFIG
 from tasks.errors import AdapterMismatch, SourceError
 from tasks.logs import heartbeat, step_logger
 from tasks.resources import require_memory, weights_size
@@ -86,7 +87,7 @@ def check_adapter_fits(
     error deep in torch; this names the module and both shapes instead.
     """
     config = _read_json(base_dir / "config.json", f"base {base_dir}")
-    acfg = _read_json(adapter_dir / "adapter_config.json", f"adapter {adapter_dir}")
+    acfg = _read_json(adapter_dir / ADAPTER_CONFIG, f"adapter {adapter_dir}")
     arch = config.get("model_type", "?")
     trained_on = acfg.get("base_model_name_or_path") or "an unrecorded base"
     where = f"adapter {adapter_dir} (trained on {trained_on}) does not fit base {base_dir} ({arch})"

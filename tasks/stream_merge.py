@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelrepo import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tasks.errors import SourceError
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Files of the base the merged folder keeps as they are (the tokenizer is saved by the caller, as the peft path does).
 CONFIG_FILES = ("config.json", "generation_config.json")
 # Checkpoint dtypes merged in f32 and rounded back; others (int8, fp8) are quantized weights peft would dequantize.
@@ -171,7 +171,7 @@ def _adapter_deltas(
 
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         raise NotStreamable(f"adapter {adapter} has no {ADAPTER_WEIGHTS}: its weights are pickled")
-    acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    acfg = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     _check_config_fields(adapter, acfg)
     config = LoraConfig.from_pretrained(str(adapter))  # peft's own reading, for peft's own target matching
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from prefect import task
 
+from modelrepo import ADAPTER_WEIGHTS
 from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics, capabilities, effective, engine_properties
 from tasks.errors import PipelineError, SourceError, ValidationFailed
@@ -26,7 +27,7 @@ from tasks.logs import step_logger
 from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
 from tasks.resources import compiled_bytes_per_parameter, weights_size
-from tasks.stream_merge import ADAPTER_WEIGHTS, NotStreamable, StreamPlan, plan_stream_merge
+from tasks.stream_merge import NotStreamable, StreamPlan, plan_stream_merge
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"

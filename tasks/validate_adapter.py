@@ -8,6 +8,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from modelrepo import ADAPTER_WEIGHTS
 from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics
 from tasks.errors import ValidationFailed
@@ -15,7 +16,6 @@ from tasks.gate import bounds_for, log_softmax
 from tasks.logs import step_logger
 from tasks.merge import load_tokenizer
 from tasks.reference import load_reference
-from tasks.stream_merge import ADAPTER_WEIGHTS
 from tasks.validate import (
     MAX_NEW_TOKENS,
     Row,
