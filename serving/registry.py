@@ -168,12 +168,33 @@ class Registry:
         log.info("serving %s", ", ".join(f"{n} v{r.entry.version}" for n, r in sorted(table.items())) or "nothing")
 
     async def _routes_for(self, model: Entry, adapters: list[Entry], old: dict[str, Route]) -> dict[str, Route]:
-        """Routes for a model and its adapters; on any failure, what served before keeps serving."""
+        """Routes for a model and its adapters; on any failure, what served before keeps serving.
+
+        The model's files are hashed while its engine loads (each takes seconds on a large model, and
+        the reload waits for both): nothing serves from the version until they match its manifest,
+        and a version that fails is dropped with the engine it loaded (retired by `_apply`).
+        """
         previous = old.get(model.name)
-        problems = await self._verify(model)
+        verifying = asyncio.create_task(self._verify(model))
+        try:
+            routes = await self._load(model, adapters, old, previous, verifying)
+        except BaseException:
+            verifying.cancel()
+            raise
+        problems = await verifying
         if problems:
             self._fail(model, "; ".join(problems))
             return self._keep(previous, old)
+        return routes
+
+    async def _load(
+        self,
+        model: Entry,
+        adapters: list[Entry],
+        old: dict[str, Route],
+        previous: Route | None,
+        verifying: asyncio.Task[list[str]],
+    ) -> dict[str, Route]:
         chosen: list[Entry] = []
         for a in sorted(adapters, key=lambda a: a.name):
             bad = await self._verify(a)
@@ -197,6 +218,8 @@ class Registry:
         try:
             engine = await self._engine(model, chosen)
         except Exception as e:
+            if await verifying:  # a file of the model is not what its manifest says: the caller reports that
+                return self._keep(previous, old)
             # Blame the adapters that were not served before, if any: serve the model with the others.
             safe = [a for a in chosen if (a.name, a.version) in served_before]
             if len(safe) == len(chosen):
