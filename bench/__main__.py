@@ -2,6 +2,8 @@
 
     python -m bench             # the full run on a SmolLM2-135M-shaped model (under 20 min on 2 cores)
     python -m bench --smoke     # every figure once on the tiny demo model, 1-2 short requests each (~1-2 min)
+    python -m bench --peers     # the full run and llama.cpp's llama-server side by side (bench/peers.py; it is
+                                # built once, about 7 minutes)
     python -m bench --large     # real-size models (1.7B and 7B shapes) built, validated and served: bench/large.py
     ./dev.sh bench [--smoke]    # the same, in the project's environment
 
@@ -26,18 +28,24 @@ from bench.plan import Figure, Plan
 
 HERE = Path(__file__).resolve().parent
 SUITES = ("serving", "reload", "torch", "adapters", "build", "weights")
+PEERS = "peers"  # run only when asked for (--peers or --only peers): it builds llama.cpp once
 
 
-def expected_figures(plan: Plan) -> list[str]:
-    """Every figure id a complete run records (the smoke test checks them all)."""
-    ids = []
-    for c in plan.concurrencies:
-        ids += [f"serving.throughput.c{c}", f"serving.ttft.c{c}"]
-    ids += ["reload.latency", "reload.failed_requests"]
-    ids += [f"vs_torch.throughput.c{c}" for c in plan.concurrencies]
-    ids += ["adapters.spread.throughput", "adapters.single.throughput"]
-    ids += ["build.wall", "build.peak_memory", "weights.int8.size", "weights.int8.throughput"]
-    return ids
+def expected_figures(plan: Plan, only: set[str]) -> list[str]:
+    """Every figure id a complete run of the suites in `only` records (the smoke test checks them all)."""
+    from bench.peers import expected_figures as peer_figures
+
+    cs = plan.concurrencies
+    by_suite = {
+        "serving": [f"serving.{what}.c{c}" for c in cs for what in ("throughput", "ttft")],
+        "reload": ["reload.latency", "reload.failed_requests"],
+        "torch": [f"vs_torch.throughput.c{c}" for c in cs],
+        "adapters": ["adapters.spread.throughput", "adapters.single.throughput"],
+        "build": ["build.wall", "build.peak_memory"],
+        "weights": ["weights.int8.size", "weights.int8.throughput"],
+        PEERS: peer_figures(plan),
+    }
+    return [i for suite, ids in by_suite.items() if suite in only for i in ids]
 
 
 def _log(msg: str) -> None:
@@ -111,6 +119,10 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
                                                  logs / "server-adapters.log"))
     attempt("build", lambda: measure_build(plan, art, logs / "build.log"))
     attempt("weights", lambda: measure_int8(plan, art, prompts))
+    if PEERS in only:
+        from bench.peers import measure_peers
+
+        attempt(PEERS, lambda: measure_peers(plan, art, prompts, logs))
 
     finished = time.time()
     return {
@@ -125,7 +137,7 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
         "plan": plan.describe(),
         "timings_s": timings,
         "figures": [f.as_json() for f in figures],
-        "expected_figures": expected_figures(plan),
+        "expected_figures": expected_figures(plan, only),
         "errors": errors,
         "details": details,
     }, figures
@@ -140,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny demo model, 1-2 short requests per figure")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="where results.json and logs go")
-    parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    parser.add_argument("--only", default=",".join(SUITES),
+                        help=f"comma-separated subset of {','.join((*SUITES, PEERS))}")
+    parser.add_argument("--peers", action="store_true", help="also llama.cpp's llama-server, side by side")
     parser.add_argument("--keep", action="store_true", help="keep the scratch repositories")
     args = parser.parse_args(argv)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    if only - set(SUITES):
-        parser.error(f"--only: unknown suites {sorted(only - set(SUITES))}; known: {', '.join(SUITES)}")
+    only = {s.strip() for s in args.only.split(",") if s.strip()} | ({PEERS} if args.peers else set())
+    known = {*SUITES, PEERS}
+    if only - known:
+        parser.error(f"--only: unknown suites {sorted(only - known)}; known: {', '.join(sorted(known))}")
     from bench import report
 
     out = args.out / "smoke" if args.smoke else args.out
@@ -157,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report.write_json(out / "results.json", body)
-    md = out / "RESULTS.md" if args.smoke or only != set(SUITES) else HERE / "RESULTS.md"
-    md.write_text(report.markdown(body, figures), encoding="utf-8")
+    md = out / "RESULTS.md" if args.smoke or not set(SUITES) <= only else HERE / "RESULTS.md"
+    report.write_markdown(md, body, figures)
     _log(f"wrote {out / 'results.json'} and {md} in {body['duration_s'] / 60:.1f} min")
     missing = sorted(set(body["expected_figures"]) - {f.id for f in figures})
     if body["errors"] or missing:

@@ -32,11 +32,11 @@ import psutil
 from bench.build import flow_env
 from bench.load import http_load
 from bench.procs import Measured, run_measured
+from bench.report import LARGE_SECTION as SECTION
 from bench.report import machine, now, versions
 from tasks.resources import tree_memory
 
 HERE = Path(__file__).resolve().parent
-SECTION = "## Real-size models (`./dev.sh bench --large`)"
 SERVE_TOKENS = 32
 
 

@@ -255,8 +255,14 @@ async def http_load(
     prompts: list[str],
     concurrency: int,
     max_tokens: int,
+    *,
+    path: str = "/v3/completions",
+    live: str = "/v2/health/live",
 ) -> LoadResult:
-    """`concurrency` streaming clients in a closed loop; request i goes to models[i % len(models)]."""
+    """`concurrency` streaming clients in a closed loop; request i goes to models[i % len(models)].
+
+    `path` and `live`: the server's completions endpoint and its liveness probe (another server's, for a peer).
+    """
     import httpx
 
     todo = deque(enumerate(prompts))
@@ -268,14 +274,14 @@ async def http_load(
             while todo:
                 i, prompt = todo.popleft()
                 body = completion_body(models[i % len(models)], prompt, max_tokens)
-                result.outcomes.append(await stream_one(client, "/v3/completions", body))
+                result.outcomes.append(await stream_one(client, path, body))
 
         async def watch(done: asyncio.Event) -> None:
             while not done.is_set():
                 t = time.perf_counter()
                 # A keep-alive connection the server closes as it is reused raises here: not a figure.
                 with contextlib.suppress(httpx.TransportError):
-                    await client.get("/v2/health/live")
+                    await client.get(live)
                     result.stalls_ms.append((time.perf_counter() - t) * 1000)
                 await asyncio.sleep(0.05)
 

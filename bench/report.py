@@ -17,6 +17,8 @@ import psutil
 
 from bench.plan import Figure
 
+LARGE_SECTION = "## Real-size models (`./dev.sh bench --large`)"  # written by bench/large.py, kept by the others
+
 LIBRARIES = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "torch", "transformers",
              "peft", "prefect", "litestar", "uvicorn", "httpx")
 # The hand-written analysis of the last full run (profiles of missed targets), included in RESULTS.md.
@@ -113,6 +115,18 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
             f"| {title} | {_fmt(f.value, f.unit)} | {_fmt(f.baseline, f.unit)}: {f.baseline_name} | {_ratio(f)} "
             f"| {f.target or '—'} | {met} |"
         )
+    peers = body.get("details", {}).get("peers")
+    if peers:
+        build = peers["llama_server"]
+        lines += [
+            "",
+            "llama.cpp side by side (`--peers`): llama-server built from llama-cpp-python "
+            f"{build['llama_cpp_python']}'s vendored source (`cmake {' '.join(build['cmake'])}`), "
+            f"{peers['threads']} threads on each side, "
+            "the same prompts and token counts. What differs and cannot be made equal:",
+            "",
+            *(f"- {d}" for d in peers["differs"]),
+        ]
     extras = [(f, {k: x for k, x in f.extra.items() if k != "added_ms"}) for f in figures]
     extras = [(f, e) for f, e in extras if e]
     if extras:
@@ -123,6 +137,14 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
     if not body["plan"]["smoke"] and ANALYSIS.is_file():
         lines += ["", ANALYSIS.read_text(encoding="utf-8").strip()]
     return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, body: dict[str, Any], figures: list[Figure]) -> None:
+    """RESULTS.md from this run, keeping the sections other commands write (`./dev.sh bench --large`'s)."""
+    kept = ""
+    if path.is_file() and LARGE_SECTION in (old := path.read_text(encoding="utf-8")):
+        kept = "\n" + LARGE_SECTION + old.partition(LARGE_SECTION)[2]
+    path.write_text(markdown(body, figures) + kept, encoding="utf-8")
 
 
 def now() -> str:
@@ -136,7 +158,7 @@ def rerender(results: Path, out: Path) -> None:
     for f in body["figures"]:
         fields = {k: v for k, v in f.items() if k != "ratio"}
         figures.append(Figure(**fields))
-    out.write_text(markdown(body, figures), encoding="utf-8")
+    write_markdown(out, body, figures)
 
 
 if __name__ == "__main__":
