@@ -38,7 +38,7 @@ from bench.load import LoadResult, http_load
 from bench.model import build_once, default_cache
 from bench.plan import Figure, Plan, median
 from bench.prompts import PromptFactory
-from bench.server import Server, free_port, publish
+from bench.server import Server, free_port, publish, stop
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendor/llama.cpp is the peer's source
 SENTENCEPIECE = "0.2.3"  # the converter imports it before it looks for a BPE tokenizer
@@ -185,13 +185,8 @@ class LlamaServer:
         raise RuntimeError(f"llama-server was not ready within 120 s; see {self.log_path}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, signal.SIGTERM)
         self._log.close()
 
 

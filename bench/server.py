@@ -47,6 +47,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 30) -> None:
+    """Ask a server process to stop with `sig`; kill it if it has not within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Server:
     """`python -m serving` on a free port, as a child process; a context manager that waits until ready."""
 
@@ -87,13 +98,8 @@ class Server:
         raise RuntimeError(f"the server was not ready within 300 s; see {self.log_path}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, signal.SIGINT)
         self._log.close()
 
     def prime(self) -> None:

@@ -11,7 +11,9 @@ While `released_pages` is active, a thread advises the kernel every `every_s` se
 process no longer needs them (MADV_DONTNEED). On a read-only shared file map that only unmaps
 the pages: a later read faults them back in from the page cache, so nothing can be lost and a
 page still in use costs one minor fault. Linux only; elsewhere it does nothing. Used by the
-gate's engine passes (tasks/validate.py, tasks/validate_adapter.py).
+gate's engine passes (tasks/validate.py, tasks/validate_adapter.py, with `released_pages`) and by
+the serving engine between its steps (serving/engine_core.py, with `release`); here, beside the
+repository contract, because both sides hold a version's weights this way.
 """
 
 from __future__ import annotations
