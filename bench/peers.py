@@ -18,6 +18,7 @@ first. What cannot be made equal is in `differs`, written into RESULTS.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -190,6 +191,7 @@ class LlamaServer:
         self._log.close()
 
 
+@functools.cache
 def _openvino_threads() -> int:
     """The threads OpenVINO's CPU plugin runs inference on here (it uses the physical cores by default)."""
     import openvino as ov

@@ -515,7 +515,7 @@ def validate_ir(
     prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
 
     # One model in memory at a time, each released before the next loads; the IR's mapped weights
-    # released as the engine copies them (tasks/mapped.py), so they are not held twice.
+    # released as the engine copies them (modelrepo/mapped.py), so they are not held twice.
     with released_pages([ir_dir / "openvino_model.bin"]):
         pipe = genai_pipeline(ir_dir, numerics)
         model_ids = genai_greedy(pipe, prompt_ids, max_new_tokens)

@@ -60,7 +60,7 @@ def validate_runtime_adapter(
     tokenizer = load_tokenizer(base_dir, tokenizer_dir)
     tau = bounds_for("adapter", weight_format, numerics.inference_precision).tau
     adapter = openvino_genai.Adapter(str(adapter_dir / ADAPTER_WEIGHTS))
-    # The IR's mapped weights released as the engine copies them (tasks/mapped.py).
+    # The IR's mapped weights released as the engine copies them (modelrepo/mapped.py).
     with released_pages([base_ir / "openvino_model.bin"]):
         # Every adapter must be registered when the pipeline is built; the scale is passed explicitly,
         # since openvino-genai ignores adapter_config.json.
