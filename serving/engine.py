@@ -86,11 +86,6 @@ class Engine:
             )
         self.adapters = {a.name: a for a in adapters}
         self.settings = settings
-        # The handlers' tokenizer: prompts are tokenized here, in the handlers' threads.
-        self.tokenizer = ov_genai.Tokenizer(str(folder))
-        # openvino's binding deadlocks (the GIL against a C++ static guard) when two threads make the
-        # process's first Tensor.data access at once: make one here, before any request thread can.
-        _ = self.tokenizer.encode("warm-up").input_ids.data
         self._lock = threading.Lock()  # the requests table and the counters
         # The pipe's sending end has a lock of its own, which the reader never takes: a send blocked on
         # a full pipe can then never stop the reader from draining the engine's events.
@@ -100,13 +95,23 @@ class Engine:
         self._retired = False
         self._dead = False
         self.steps = self.switches = self.cancelled = self.running = 0
-        self._process, self._conn = _start_process()
+        self._process, self._conn = _take_process()
         try:
             level = logging.getLogger().getEffectiveLevel()
             self._conn.send((f"{name} v{version}", level, folder, adapters, settings, engine_properties(applied)))
+            # While the engine process compiles: the handlers' tokenizer (prompts are tokenized here, in the
+            # handlers' threads). openvino's binding deadlocks (the GIL against a C++ static guard) when two
+            # threads make the process's first Tensor.data access at once: make one here, before any request can.
+            self.tokenizer = ov_genai.Tokenizer(str(folder))
+            _ = self.tokenizer.encode("warm-up").input_ids.data
             kind, message = self._conn.recv()
         except (EOFError, OSError):
             kind, message = "failed", "the engine process exited while loading"
+        except BaseException:
+            self._conn.close()  # the engine process exits when it finds the socket closed
+            raise
+        finally:
+            _replenish()  # after the load: the next spare's imports would have taken CPU from it
         if kind != "ready":
             self._conn.close()
             code = self._process.wait(30)
@@ -245,6 +250,43 @@ class Engine:
         for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                 loop.call_soon_threadsafe(_put_events, batch)
+
+
+# One engine process started ahead, its imports done, waiting for its model: a load (a hot reload
+# above all) then skips the interpreter's start and openvino's import, 0.3-0.5 s under load, for
+# about 30 MB of memory of its own. It exits when its socket closes (`close_spare`, or the server's end).
+_spare_lock = threading.Lock()
+_spare: tuple[subprocess.Popen, Connection] | None = None
+
+
+def _take_process() -> tuple[subprocess.Popen, Connection]:
+    """The spare engine process if it is alive, else a new one."""
+    global _spare
+    with _spare_lock:
+        taken, _spare = _spare, None
+    if taken is not None and taken[0].poll() is None:
+        return taken
+    if taken is not None:
+        taken[1].close()
+    return _start_process()
+
+
+def _replenish() -> None:
+    global _spare
+    with _spare_lock:
+        if _spare is None:
+            _spare = _start_process()
+
+
+def close_spare() -> None:
+    """Let the spare engine process exit (server shutdown)."""
+    global _spare
+    with _spare_lock:
+        taken, _spare = _spare, None
+    if taken is not None:
+        taken[1].close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            taken[0].wait(10)
 
 
 def _start_process() -> tuple[subprocess.Popen, Connection]:

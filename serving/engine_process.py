@@ -6,7 +6,9 @@ loop: measured under 64 clients, the loop lagged up to 2.6 s, disconnects were n
 late (about half the abandoned requests had finished before their cancel arrived) and the time
 to first token rose by about 0.9 s at 16 clients. Here the steps hold this process's GIL only.
 
-Run as `python -m serving.engine_process FD`, FD being its end of a socket pair with the server.
+Run as `python -m serving.engine_process FD`, FD being its end of a socket pair with the server. The
+server keeps one such process started ahead (serving/engine.py's spare): its imports are done
+before it is given a model.
 Protocol (pickled tuples in multiprocessing.connection's framing):
   server -> engine: (label, log level, folder, adapters, settings, numerics properties) once, then
                     ("add", Job) | ("cancel", job id) | ("retire",) | ("close",)
@@ -42,8 +44,8 @@ def main(fd: int) -> None:
     except Exception as e:  # reported to the server, which reports the version as not loaded
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", None))
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server is gone
+        conn.send(("ready", None))
         _serve(conn, core)
 
 

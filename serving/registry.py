@@ -29,7 +29,7 @@ import watchfiles
 
 import modelrepo
 from modelrepo import ADAPTER_WEIGHTS, Entry, Index
-from serving.engine import Engine, load_engine
+from serving.engine import Engine, close_spare, load_engine
 from serving.engine_core import AdapterSpec, EngineSettings
 from serving.errors import ModelNotFound, NotReady
 
@@ -103,7 +103,7 @@ class Registry:
         engines = list(self._engines.values()) + self._retired
         self.table = {}
         self._engines = {}
-        await asyncio.gather(*(asyncio.to_thread(e.close) for e in engines))
+        await asyncio.gather(*(asyncio.to_thread(e.close) for e in engines), asyncio.to_thread(close_spare))
 
     # ---- lookups ----
 

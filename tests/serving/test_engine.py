@@ -220,3 +220,25 @@ async def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(dem
             engine.submit(_request(engine, REFERENCE_PROMPT, None, 5))
     finally:
         engine.close()
+
+
+def test_a_load_takes_the_spare_engine_process_and_starts_the_next_one(demo_repository: DemoRepository) -> None:
+    from serving import engine as engine_module
+
+    repo = demo_repository.root
+    base = modelrepo.read_index(repo).entries["base_model"]
+    first = Engine("base_model", base.version, repo / base.path, [], EngineSettings())
+    try:
+        spare = engine_module._spare
+        assert spare is not None and spare[0].poll() is None, "no spare waits after a load"
+        second = Engine("base_model", base.version, repo / base.path, [], EngineSettings())
+        try:
+            assert second._process is spare[0], "the load started a process of its own beside the spare"
+            assert engine_module._spare is not None and engine_module._spare[0] is not spare[0]
+        finally:
+            second.close()
+    finally:
+        first.close()
+    waiting = engine_module._spare[0]
+    engine_module.close_spare()
+    assert waiting.poll() is not None, "the spare engine process did not exit with its socket"
