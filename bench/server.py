@@ -82,6 +82,15 @@ class Server:
                "--port", str(self.port), "--log-level", self.log_level, "--poll-interval", str(self.poll_interval)]
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(t0)
+        except BaseException:  # a server that started must not outlive a failed start (it would load and poll on)
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self.proc is not None
         deadline = t0 + 300
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
@@ -90,11 +99,10 @@ class Server:
                 if httpx.get(self.url + READY, timeout=2).status_code == 200:
                     self.startup_s = time.perf_counter() - t0
                     self.prime()
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self.__exit__(None, None, None)
         raise RuntimeError(f"the server was not ready within 300 s; see {self.log_path}")
 
     def __exit__(self, *exc: object) -> None:
