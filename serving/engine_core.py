@@ -1,47 +1,17 @@
 """The scheduling and decoding loop around one ContinuousBatchingPipeline; it runs in the engine process.
 
 `EngineCore` knows nothing of HTTP, asyncio or processes: it takes `Job`s, and each `step()` admits
-what it can, runs one pipeline step, and returns the events it produced. serving/engine_process.py
-drives it in a child process; serving/engine.py is the server's side of that process.
+what it can, runs one pipeline step, and returns the events it produced.
 
-Runtime LoRA adapters, and why the scheduler groups by adapter
----------------------------------------------------------------
-openvino-genai (2026.4) registers every adapter when the pipeline is built (`AdapterConfig` in the
-constructor's properties), ignores the adapters of an `add_request` config, and refuses different
-adapters within one batch. What it does do: `generate()` applies its config's adapter set to the
-pipeline's infer request, and that set stays active for the `step()`s that follow (measured:
-after `generate` with adapter A, requests added with `add_request` produce exactly the merged
-model's greedy output; after `generate` with an empty `AdapterConfig()`, exactly the base's).
+Runtime adapters: openvino-genai registers every adapter at construction and refuses two adapters in
+one batch, but a `generate()` leaves its adapter set active for the `step()`s that follow. So the
+core runs one adapter group at a time (continuous batching inside it) and switches on an empty
+pipeline, once the active group's `time_slice` is over and another group waits, oldest waiter first:
+each batch runs exactly one adapter, and no request waits longer than one slice plus the running
+requests. Its costs are measured in bench/ANALYSIS.md ("Design notes").
 
-So one engine per base model holds one pipeline with all the base's adapters registered, and the
-requests are grouped by adapter (None is the base itself). The core runs one group at a time,
-with continuous batching inside the group. It switches groups only when the pipeline is empty:
-it stops admitting new requests of the active group once another group waits and the active
-group's time slice (`time_slice` seconds) is over, lets the running ones finish, then applies the
-next group's adapter with a one-token `generate()` on a one-token prompt and admits that group.
-The next group is the one whose oldest request has waited longest (FIFO across groups).
-
-Trade-off: fair and exact (a request never waits longer than one slice plus the longest running
-request, and each batch runs exactly one adapter so outputs equal the merged model's), at the
-cost of draining the batch at every switch (the switch itself is ~2 ms on the tiny model) and of
-running dynamic LoRA: measured on the tiny model, 16 requests x 64 tokens, a base with two
-adapters registered runs its own requests (empty adapter set) at ~0.85x a plain pipeline and
-adapter requests at ~0.5x. One pipeline per base keeps one copy of the weights and one KV cache;
-a fused pipeline per hot adapter (MODE_FUSE, merged speed) would remove the LoRA cost for the most
-requested adapters at the price of one more copy of the weights each, and is the next step if
-one adapter dominates the traffic. The adapter set is fixed at construction, so a published or
-removed adapter rebuilds the base's engine in the background while the old one serves (see
-registry.py).
-
-The IR's memory-mapped weights
-------------------------------
-OpenVINO maps the IR's `.bin` and its CPU plugin copies each weight into a layout of its own the
-first time it runs it; the map's pages would then stay resident beside the copy, twice the
-weights in RSS (24 GB for a 7B fp16 server whose own memory is 13.7 GB). Between steps (after
-each of the first RELEASE_FIRST_STEPS, then at most once every RELEASE_EVERY_S), the core
-releases them (modelrepo/mapped.py: MADV_DONTNEED on the read-only map; a page read again faults
-back in from the page cache, so nothing read changes). Between steps, not during one: nothing
-reads the map then, and no thread of ours runs beside the plugin's.
+The plugin copies each weight out of the IR's memory-mapped `.bin` when it first runs it; between
+steps the core releases the map's pages (modelrepo/mapped.py), so the weights are not resident twice.
 """
 
 from __future__ import annotations
@@ -360,66 +330,89 @@ class EngineCore:
         decode incrementally over a short window (the last prompt tokens, then the text not yet sent),
         so each step costs the same however long the output gets; other requests decode once, at the end.
         """
-        updates: list[tuple[_Sequence, list[tuple[int, float]], int, bool]] = []
-        for seq in list(self._running.values()):
-            handle = seq.handle
-            new: list[tuple[int, float]] = []
-            finish = ov_genai.GenerationFinishReason.NONE
-            while handle.can_read():
-                for out in handle.read().values():
-                    lps = list(out.generated_log_probs) if seq.job.want_logprobs else []
-                    new.extend(itertools.zip_longest(out.generated_ids, lps, fillvalue=0.0))
-                    if out.finish_reason != ov_genai.GenerationFinishReason.NONE:
-                        finish = out.finish_reason
-            status = handle.get_status()
-            done = not (status == ov_genai.GenerationStatus.RUNNING and finish == ov_genai.GenerationFinishReason.NONE)
-            if new or done:
-                updates.append((seq, new, finish, done))
+        updates = [u for seq in list(self._running.values()) if (u := _read(seq)) is not None]
         if not updates:
             return []
         seqs: list[list[int]] = []
-        spans: list[tuple[int, int]] = []  # per update: where its texts start in seqs, and the logprob tokens'
-        for seq, new, _, done in updates:
-            seq.ids.extend(i for i, _ in new)
-            seq.logprob_pending.extend(new if seq.job.want_logprobs else [])
-            text_at = len(seqs)
-            if seq.job.stream:
-                seq.window.extend(i for i, _ in new)
-                seqs += [seq.window[seq.prefix : seq.read], seq.window[seq.prefix :]]
-            elif done:
-                seqs.append(seq.ids)
-            lp_at = len(seqs)
-            if seq.job.want_logprobs and (seq.job.stream or done):
-                seqs += [[i] for i, _ in seq.logprob_pending]
-            spans.append((text_at, lp_at))
+        spans = [_texts_to_decode(update, seqs) for update in updates]
         texts = self._detok.decode(seqs) if seqs else []
         out: list[tuple[int, Event]] = []
-        for (seq, _, finish, done), (text_at, lp_at) in zip(updates, spans, strict=True):
-            job = seq.job
-            delta = ""
-            if job.stream:
-                before, full = texts[text_at], texts[text_at + 1]
-                if not full.endswith(_REPLACEMENT) or done:  # else: half a character, wait for the rest
-                    delta = full[len(before) :]
-                    seq.prefix, seq.read = seq.read, len(seq.window)
-            elif done:
-                delta = texts[text_at]
-            tokens: list[tuple[str, float]] = []
-            if job.want_logprobs and (job.stream or done):
-                tokens = [(texts[lp_at + k], lp) for k, (_, lp) in enumerate(seq.logprob_pending)]
-                seq.logprob_pending = []
-            if delta or tokens:
-                out.append((job.id, Delta(delta, tokens)))
-            if not done:
-                continue
-            del self._running[job.id]
-            status = seq.handle.get_status()
-            if status == ov_genai.GenerationStatus.IGNORED:
-                event: Event = Failed("the prompt does not fit the engine's KV cache")
-            elif finish == ov_genai.GenerationFinishReason.NONE and status != ov_genai.GenerationStatus.FINISHED:
-                event = Failed(f"the request ended with status {status.name}")
-            else:
-                reason = "length" if finish == ov_genai.GenerationFinishReason.LENGTH else "stop"
-                event = Finished(reason, len(job.prompt_ids), len(seq.ids))
-            out.append((job.id, event))
+        for update, span in zip(updates, spans, strict=True):
+            out += _events(update, texts, span)
+            if update.done:
+                del self._running[update.seq.job.id]
         return out
+
+
+@dataclass
+class _Update:
+    """What one step produced for a sequence: its new (token, logprob)s and whether it has ended."""
+
+    seq: _Sequence
+    new: list[tuple[int, float]]
+    finish: ov_genai.GenerationFinishReason
+    done: bool
+
+
+def _read(seq: _Sequence) -> _Update | None:
+    """The tokens a step produced for `seq`, if any, or its end."""
+    handle = seq.handle
+    new: list[tuple[int, float]] = []
+    finish = ov_genai.GenerationFinishReason.NONE
+    while handle.can_read():
+        for out in handle.read().values():
+            lps = list(out.generated_log_probs) if seq.job.want_logprobs else []
+            new.extend(itertools.zip_longest(out.generated_ids, lps, fillvalue=0.0))
+            if out.finish_reason != ov_genai.GenerationFinishReason.NONE:
+                finish = out.finish_reason
+    status = handle.get_status()
+    done = not (status == ov_genai.GenerationStatus.RUNNING and finish == ov_genai.GenerationFinishReason.NONE)
+    return _Update(seq, new, finish, done) if new or done else None
+
+
+def _texts_to_decode(update: _Update, seqs: list[list[int]]) -> tuple[int, int]:
+    """Append the token lists `update` needs decoded to `seqs`; return where its texts and its logprob tokens start."""
+    seq, new = update.seq, update.new
+    seq.ids.extend(i for i, _ in new)
+    seq.logprob_pending.extend(new if seq.job.want_logprobs else [])
+    text_at = len(seqs)
+    if seq.job.stream:
+        seq.window.extend(i for i, _ in new)
+        seqs += [seq.window[seq.prefix : seq.read], seq.window[seq.prefix :]]
+    elif update.done:
+        seqs.append(seq.ids)
+    lp_at = len(seqs)
+    if seq.job.want_logprobs and (seq.job.stream or update.done):
+        seqs += [[i] for i, _ in seq.logprob_pending]
+    return text_at, lp_at
+
+
+def _events(update: _Update, texts: list[str], span: tuple[int, int]) -> list[tuple[int, Event]]:
+    """The events of one sequence after a step: the text it may send now, then its end if it has ended."""
+    seq, job, (text_at, lp_at) = update.seq, update.seq.job, span
+    delta = ""
+    if job.stream:
+        before, full = texts[text_at], texts[text_at + 1]
+        if not full.endswith(_REPLACEMENT) or update.done:  # else: half a character, wait for the rest
+            delta = full[len(before) :]
+            seq.prefix, seq.read = seq.read, len(seq.window)
+    elif update.done:
+        delta = texts[text_at]
+    tokens: list[tuple[str, float]] = []
+    if job.want_logprobs and (job.stream or update.done):
+        tokens = [(texts[lp_at + k], lp) for k, (_, lp) in enumerate(seq.logprob_pending)]
+        seq.logprob_pending = []
+    out: list[tuple[int, Event]] = [(job.id, Delta(delta, tokens))] if delta or tokens else []
+    if update.done:
+        out.append((job.id, _end(seq, update.finish)))
+    return out
+
+
+def _end(seq: _Sequence, finish: ov_genai.GenerationFinishReason) -> Event:
+    status = seq.handle.get_status()
+    if status == ov_genai.GenerationStatus.IGNORED:
+        return Failed("the prompt does not fit the engine's KV cache")
+    if finish == ov_genai.GenerationFinishReason.NONE and status != ov_genai.GenerationStatus.FINISHED:
+        return Failed(f"the request ended with status {status.name}")
+    reason = "length" if finish == ov_genai.GenerationFinishReason.LENGTH else "stop"
+    return Finished(reason, len(seq.job.prompt_ids), len(seq.ids))

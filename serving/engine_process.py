@@ -1,10 +1,7 @@
 """The engine process: one EngineCore, driven by the commands the server sends over a socket.
 
-Why a process: `ContinuousBatchingPipeline.step()` holds the GIL for the whole step (the binding
-does not release it; `generate()` does). In the server's process, every step stalled the event
-loop: measured under 64 clients, the loop lagged up to 2.6 s, disconnects were noticed seconds
-late (about half the abandoned requests had finished before their cancel arrived) and the time
-to first token rose by about 0.9 s at 16 clients. Here the steps hold this process's GIL only.
+Why a process: `ContinuousBatchingPipeline.step()` holds the GIL for the whole step, which in the
+server's process stalled its event loop (measurements: bench/ANALYSIS.md, "Design notes").
 
 Run as `python -m serving.engine_process FD`, FD being its end of a socket pair with the server. The
 server keeps one such process started ahead (serving/engine.py's spare): its imports are done
