@@ -1,7 +1,7 @@
 """The model repository: the contract between the build pipeline and the server.
 
 It imports no ML library, so the server never pulls torch, peft or optimum in.
-Layout (see ../shared/DESIGN.md)::
+Layout (the contract in full: README, "The model repository")::
 
     REPO/index.json              the commit point: which version of every name is live
     REPO/config.json             the same models in the format OpenVINO Model Server reads

@@ -15,20 +15,32 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import TypeVar
 
 import uvicorn
 
 from serving.app import Settings, create_app
 from serving.engine_core import EngineSettings
 
+T = TypeVar("T")
+
+
+# The defaults are the settings classes' own, written once there.
+_ENGINE = EngineSettings()
+_SERVER = {f.name: f.default for f in fields(Settings)}
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LORA_SERVE_{name}", default)
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return None if value in (None, "") else int(value)
+def _setting(name: str, cast: Callable[[str], T], default: T) -> T:
+    """LORA_SERVE_<name> if set and not empty, else `default`."""
+    value = _env(name)
+    return default if value in (None, "") else cast(value)
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -40,20 +52,24 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     )
     parser.add_argument("--repository", type=Path, default=_env("REPOSITORY"), help="the model repository folder")
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("PORT", "8000") or 8000))
+    parser.add_argument("--port", type=int, default=_setting("PORT", int, 8000))
     parser.add_argument("--api-key-file", type=Path, default=_env("API_KEY_FILE"),
                         help="a file holding the API key clients must send as a Bearer token")
-    parser.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", "256") or 256),
+    parser.add_argument("--max-queue", type=int, default=_setting("MAX_QUEUE", int, _ENGINE.max_queue),
                         help="requests waiting or running per model before 503")
-    parser.add_argument("--max-num-seqs", type=int, default=int(_env("MAX_NUM_SEQS", "64") or 64))
-    parser.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(4 << 20)) or 4 << 20))
-    parser.add_argument("--time-slice", type=float, default=float(_env("TIME_SLICE", "0.5") or 0.5),
+    parser.add_argument("--max-num-seqs", type=int, default=_setting("MAX_NUM_SEQS", int, _ENGINE.max_num_seqs))
+    parser.add_argument("--max-body-bytes", type=int,
+                        default=_setting("MAX_BODY_BYTES", int, _SERVER["max_body_bytes"]))
+    parser.add_argument("--time-slice", type=float, default=_setting("TIME_SLICE", float, _ENGINE.time_slice),
                         help="seconds an adapter's batch keeps admitting while other adapters wait")
-    parser.add_argument("--max-adapter-bytes", type=int, default=int(_env("MAX_ADAPTER_BYTES") or 1 << 30),
+    parser.add_argument("--max-adapter-bytes", type=int,
+                        default=_setting("MAX_ADAPTER_BYTES", int, _ENGINE.max_adapter_bytes),
                         help="refuse an adapter whose weights file is larger (default 1 GiB)")
-    parser.add_argument("--cpu-runtime-cache", type=int, default=_int_or_none(_env("CPU_RUNTIME_CACHE")),
+    parser.add_argument("--cpu-runtime-cache", type=int,
+                        default=_setting("CPU_RUNTIME_CACHE", int, _ENGINE.cpu_runtime_cache),
                         help="OpenVINO's compiled-kernel cache entries (default: OpenVINO's 5000; 0 keeps memory flat)")
-    parser.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", "2") or 2))
+    parser.add_argument("--poll-interval", type=float,
+                        default=_setting("POLL_INTERVAL", float, _SERVER["poll_interval"]))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     if args.repository is None:

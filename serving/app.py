@@ -326,7 +326,7 @@ async def ready(request: Request) -> dict[str, Any]:
 @get("/metrics", media_type=MediaType.TEXT, sync_to_thread=False)
 def metrics(request: Request) -> Response[bytes]:
     m: Metrics = request.app.state.metrics
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(m.prometheus), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---- the app ----

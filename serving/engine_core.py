@@ -45,7 +45,7 @@ RELEASE_EVERY_S = 1.0
 class EngineSettings:
     max_queue: int = 256  # requests waiting or running per engine before 503
     max_num_seqs: int = 64  # sequences in one continuous batch
-    max_num_batched_tokens: int = 256  # per step; split-fuse prefill (STACK_NOTES: larger gave nothing)
+    max_num_batched_tokens: int = 256  # per step; split-fuse prefill (measured: larger gave nothing)
     time_slice: float = 0.5  # seconds an adapter group keeps admitting while another group waits
     max_adapter_bytes: int = 1 << 30  # an adapter_model.safetensors above this is refused at load
     # OpenVINO CPU's cache of compiled kernels per input shape (its default holds 5000): memory grows

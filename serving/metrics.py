@@ -64,8 +64,8 @@ class Metrics:
     """The server's metrics on a registry of its own (several apps in one process do not collide)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.prometheus = CollectorRegistry()
+        r = self.prometheus
         self.requests = Counter(
             f"{PREFIX}_requests", "HTTP requests by model, endpoint and status", ["model", "endpoint", "status"],
             registry=r,
@@ -84,4 +84,4 @@ class Metrics:
         )
 
     def watch(self, registry: Registry) -> None:
-        self.registry.register(_EngineCollector(registry))
+        self.prometheus.register(_EngineCollector(registry))

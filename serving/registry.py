@@ -91,10 +91,6 @@ class Registry:
             raise FileNotFoundError(f"the repository {self.repository} is not a folder")
         self._watcher = asyncio.create_task(self._watch(), name="repository-watcher")
 
-    async def wait_ready(self) -> None:
-        while not self.ready:
-            await asyncio.sleep(0.05)
-
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()

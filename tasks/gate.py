@@ -5,7 +5,7 @@ reference (PEFT in torch, f32) and in the engine. Three measures, as llama.cpp's
 - margin-aware top-1 agreement: a disagreement counts only where the reference's own top token
   leads the engine's token by more than `tau` logits in the reference's logits. Raw top-1 counts
   every near-tie, and a trained model has many: a faithful fp16 export computed in bf16 agreed on
-  0.976 of a small model's tokens, a random-weight model's 0.972 (../shared/STACK_NOTES.md).
+  0.976 of a small model's tokens, a random-weight model's 0.972 (the numerics calibration, 2026-11).
 - KL divergence KL(reference || engine) per position, its mean and 99th percentile: a
   distribution measure that sees a drift long before it flips a token.
 - for runtime adapters (the engine returns no full logits there): the largest gap in the
@@ -37,8 +37,8 @@ class Bounds:
         return asdict(self)
 
 
-# Merged and base builds: full logits from an infer request on the IR. Measured with
-# ../shared/tools/numerics_calibration.py (STACK_NOTES "Gate calibration") on four models (the
+# Merged and base builds: full logits from an infer request on the IR. Measured by the numerics
+# calibration (2026-11, a tool kept outside this repository, on a bf16 CPU) on four models (the
 # demo's sql and spell adapters, a small trained Llama with a rank-4 alpha-32 adapter, the
 # benchmark's SmolLM2-135M-shaped random model), faithful exports against exports wrong on purpose
 # (adapter at half scale, the adapter of layer 0 dropped, no adapter, weights + 10% noise).

@@ -179,7 +179,7 @@ def _noisy_model(model_dir: Path, dest: Path, relative: float) -> Path:
     ["adapter at half scale", "adapter of layer 0 dropped", "weights + 10% noise"],
 )
 def test_an_export_wrong_on_purpose_is_refused(demo_sources: DemoSources, tmp_path: Path, wrong: str) -> None:
-    """Exports the calibration measured as wrong (../shared/STACK_NOTES.md) fail the gate on the numbers."""
+    """Exports the numerics calibration measured as wrong (tasks/gate.py) fail the gate on the numbers."""
     src = demo_sources
     if wrong == "adapter at half scale":
         adapter = _scaled_adapter(src.sql_adapter, tmp_path / "half", lambda k: 0.5)
