@@ -63,5 +63,9 @@ def output_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 
 def fresh_unless_present(step: Task[P, R], out_dir: Path) -> Task[P, R]:
-    """`step`, told to run again (and overwrite its cache record) when the folder its result names is gone."""
-    return step.with_options(refresh_cache=not out_dir.is_dir())
+    """`step`, told to run again (and overwrite its cache record) when the folder its result names is gone.
+
+    When the folder is there, `step` as it is: its own `refresh_cache`, or Prefect's setting
+    (PREFECT_TASKS_REFRESH_CACHE), decides whether a cached result is used.
+    """
+    return step if out_dir.is_dir() else step.with_options(refresh_cache=True)

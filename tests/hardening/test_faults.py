@@ -115,12 +115,20 @@ def step_outputs_are_whole(work: Path) -> None:
 
 # In the order of the flow. A merge killed half-written is redone by the next run; an export
 # killed once its output is in place is reused by the next run (both paths of tasks.workdir).
+# Each fires inside its step's task run, which the kill mark names (the task's run name).
 KILL_POINTS = {
-    "fetch": ("tasks.sources:snapshot_path", "enter"),  # the fetch step locating the pinned files
+    "fetch": ("tasks.sources:fetch_source", "enter"),  # the fetch task started (its cache refreshed: see killpoint)
     "merge": ("tasks.merge:atomic_output", "inside"),  # merged weights written, not yet moved into place
     "export": ("tasks.export:atomic_output", "after"),  # IR moved into place, the step not yet returned
     "validate": ("tasks.validate:load_reference", "enter"),  # the torch reference being loaded
     "publish": ("modelrepo.publish:_commit", "enter"),  # version folder complete, index not yet replaced
+}
+KILLED_TASK_RUNS = {
+    "fetch": "fetch-base",
+    "merge": "merge",
+    "export": "export-fp16",
+    "validate": "validate",
+    "publish": "publish-merged_model",
 }
 
 
@@ -141,7 +149,8 @@ def test_the_build_flow_killed_inside_each_step_publishes_nothing_and_the_old_ve
         merged_build_args(demo_sources, flow_repository, flow_work), prefect_api, kill_at=KILL_POINTS[step], mark=mark
     )
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-3000:])
-    assert mark.read_text().startswith(KILL_POINTS[step][0]), mark.read_text()
+    target, when = KILL_POINTS[step]
+    assert mark.read_text() == f"{target} {when} in task run {KILLED_TASK_RUNS[step]}", mark.read_text()
 
     assert (flow_repository / "index.json").read_bytes() == index_before
     live_versions_verify(flow_repository)
