@@ -155,7 +155,10 @@ def test_the_build_flow_killed_inside_each_step_publishes_nothing_and_the_old_ve
     assert (flow_repository / "index.json").read_bytes() == index_before
     live_versions_verify(flow_repository)
     step_outputs_are_whole(flow_work)
-    time.sleep(1.0)  # two poll intervals: a reload, if the kill had caused one, would have happened
+    # Made to read the repository now (a forced reload, answered once it is applied), the server still
+    # serves the old versions: what the kill left in the repository changes nothing it serves.
+    reloaded = httpx.post(f"{flow_server.url}/v1/config/reload", timeout=120)
+    assert reloaded.status_code == 200, reloaded.text
     assert ready_models(flow_server) == LIVE
     assert greedy(flow_server, "merged_model", REFERENCE_PROMPT) == answer_before
 
@@ -367,7 +370,7 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
         answers: list[tuple[tuple[str, str], str]] = []
         retries: list[str] = []
         with clients_asking(url, jobs, 8, answers, retries):
-            time.sleep(1.5)
+            wait_for(lambda: len(answers) >= 8, timeout=60, what="the clients to be answered")
             engines = engine_processes(server.process.pid)
             server.process.kill()  # SIGKILL: no shutdown code runs, requests in flight are cut
             server.process.wait(timeout=60)
@@ -376,7 +379,8 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
                      what="the killed server's engine processes to exit")
             server.process = start_on_port(repository, port, log)
             wait_for(lambda: _ready(url), timeout=120, what="the server to come back")
-            time.sleep(1.5)
+            answered = len(answers)
+            wait_for(lambda: len(answers) >= answered + 8, timeout=60, what="answers from the restarted server")
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
@@ -409,13 +413,14 @@ def test_an_engine_process_killed_under_load_is_replaced_and_answers_the_same(
     answers: list[tuple[tuple[str, str], str]] = []
     retries: list[str] = []
     with clients_asking(server.url, jobs, 6, answers, retries, also_retry="engine_error"):
-        time.sleep(1.0)
+        wait_for(lambda: len(answers) >= 6, timeout=60, what="the clients to be answered")
         for p in engines:
             p.kill()  # the OOM killer, say: requests in flight fail, the server stays up
         wait_for(lambda: len(engine_processes(server.process.pid)) == len(LIVE), what="new engine processes")
         for job in jobs:  # each model answers again
             _ask_until_answered(server.url, job, [], patience=60, also_retry="engine_error")
-        time.sleep(1.0)
+        answered = len(answers)
+        wait_for(lambda: len(answers) >= answered + 6, timeout=60, what="the clients to be answered again")
     assert server.process.poll() is None
     assert not {p.pid for p in engines} & {p.pid for p in engine_processes(server.process.pid)}
     wrong = [(job, text) for job, text in answers if text != expected[job]]
