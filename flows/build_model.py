@@ -7,9 +7,10 @@
 
 Sources are local folders or hub ids, pinned with @revision (org/name@v1.0 or @<commit sha>).
 Re-running with the same inputs reuses finished steps (Prefect caching keyed on the resolved
-revisions and file hashes) and publishes nothing new while an identical build is live, unless
---overwrite is given. The version pins its numerics (compute and KV-cache precision, dynamic
-quantization): validated with them, recorded in the manifest and graph.pbtxt, applied by servers.
+revisions and file hashes, the options, the versions of the tools each step calls and the step's
+own code) and publishes nothing new while an identical build is live, unless --overwrite is given.
+The version pins its numerics (compute and KV-cache precision, dynamic quantization): validated
+with them, recorded in the manifest and graph.pbtxt, applied by servers.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import modelrepo
 from flows.cli import run
 from modelrepo.numerics import INFERENCE_PRECISIONS, KV_CACHE_PRECISIONS, resolve
 from tasks.errors import SourceError
-from tasks.export import TargetDevice, WeightFormat, export, resolve_weight_format
+from tasks.export import EXPORT, TargetDevice, WeightFormat, export, resolve_weight_format
 from tasks.logs import Progress, step_logger
-from tasks.merge import merge
-from tasks.publish import Published, build_key, make_manifest, publish, tool_versions, up_to_date
+from tasks.merge import MERGE, merge
+from tasks.publish import Published, build_key, make_manifest, publish, up_to_date
 from tasks.reference import reference_needs
 from tasks.resources import export_needs, require_memory, validate_needs, weights_size
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
 from tasks.validate import DEFAULT_PROMPTS, require_computable, validate
-from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key
+from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, tool_versions
 
 
 def describe_sources(base: Source, adapters: list[tuple[Source, Path]], tokenizer: Source | None) -> dict[str, Any]:
@@ -102,13 +103,14 @@ def build_model(
         progress.step("fetch")
         model_dir = base_dir
         if adapter_dirs or tok_dir:
-            merged = work / f"merged-{input_key(*pinned)}"
+            merged = MERGE.folder(work, *pinned)
             model_dir = fresh_unless_present(merge, merged)(base_dir, adapter_dirs, merged, tok_dir, **flags)
         progress.step("merge")
         size = weights_size(model_dir)
         what = f"exporting {model_name} ({size.parameters / 1e9:.2f} B parameters) to {fmt}"
         require_memory(what, export_needs(size, fmt), progress.meter)
-        ir_dir = work / f"ir-{input_key(*pinned, fmt)}"
+        # The merged folder's name holds the merge's key: a model merged anew is exported anew.
+        ir_dir = EXPORT.folder(work, *pinned, fmt, model_dir.name)
         ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
         progress.step("export")
         needs = validate_needs(size, fmt, reference_needs(base_dir, size))

@@ -125,10 +125,19 @@ def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     expected: str | None = connection.app.state.settings.api_key
     if expected is None:
         return
-    header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if not api_key_matches(connection.headers.get("authorization", ""), expected):
         raise Unauthorized("a valid API key is required as 'Authorization: Bearer <key>'")
+
+
+def api_key_matches(authorization: str, expected: str) -> bool:
+    """Whether an Authorization header carries `expected` as a Bearer token.
+
+    In constant time: how long it takes does not depend on where the token first differs from the key
+    (an ordinary == returns at the first differing byte, and so tells an attacker the key's prefix).
+    """
+    scheme, _, token = authorization.partition(" ")
+    same = hmac.compare_digest(token.strip().encode(), expected.encode())
+    return scheme.lower() == "bearer" and same
 
 
 # ---- controllers ----

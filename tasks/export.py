@@ -38,7 +38,7 @@ from prefect import task
 from tasks import errors
 from tasks.errors import PipelineError, SourceError
 from tasks.logs import heartbeat, step_logger
-from tasks.workdir import atomic_output, output_cache_key
+from tasks.workdir import Step, atomic_output
 
 WeightFormat = Literal["fp32", "fp16", "int8", "int4"]
 TargetDevice = Literal["CPU", "GPU", "NPU"]
@@ -351,9 +351,16 @@ def export_step(
     return ExportResult(out_dir, result.weight_format, result.constant_types)
 
 
-# Cached on `out_dir`, whose name the flow derives from the resolved revisions, file hashes and format.
+# What the IR depends on beyond the model folder and the format: the converting and compressing tools and
+# this module (with the checkpoint helpers it borrows). The flow names the folder with EXPORT.folder.
+EXPORT = Step(
+    "ir",
+    tools=("openvino", "openvino-tokenizers", "optimum-intel", "optimum", "nncf", "transformers", "tokenizers",
+           "safetensors", "torch"),
+    modules=("tasks.export", "tasks.stream_merge"),
+)
 export = task(
-    name="export", task_run_name="export-{weight_format}", cache_key_fn=output_cache_key, persist_result=True
+    name="export", task_run_name="export-{weight_format}", cache_key_fn=EXPORT.cache_key, persist_result=True
 )(export_step)
 
 

@@ -21,7 +21,7 @@ from tasks.errors import AdapterMismatch, SourceError
 from tasks.logs import heartbeat, step_logger
 from tasks.resources import require_memory, weights_size
 from tasks.stream_merge import NotStreamable, plan_stream_merge, stream_merge
-from tasks.workdir import atomic_output, output_cache_key
+from tasks.workdir import Step, atomic_output
 
 # peft's saved keys: base_model.model.<module>.lora_A.weight (and lora_B, lora_embedding_A/B, DoRA magnitudes).
 _LORA_KEY = re.compile(
@@ -233,4 +233,8 @@ def merge_adapters(
     return out_dir
 
 
-merge = task(name="merge", task_run_name="merge", cache_key_fn=output_cache_key, persist_result=True)(merge_adapters)
+# What the merged weights and tokenizer depend on beyond the sources: the flow names the folder with
+# MERGE.folder and the task's cache key holds the same, so an upgraded peft merges again.
+MERGE = Step("merged", tools=("transformers", "tokenizers", "safetensors", "peft", "torch"),
+             modules=("tasks.merge", "tasks.stream_merge"))
+merge = task(name="merge", task_run_name="merge", cache_key_fn=MERGE.cache_key, persist_result=True)(merge_adapters)

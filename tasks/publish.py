@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -20,29 +19,6 @@ from tasks.logs import step_logger
 from tasks.workdir import input_key
 
 REPORT = "validation.md"  # the validation report, beside the manifest in every version
-TOOLS = (
-    "openvino",
-    "openvino-genai",
-    "openvino-tokenizers",
-    "optimum-intel",
-    "optimum",
-    "nncf",
-    "transformers",
-    "peft",
-    "torch",
-    "huggingface_hub",
-)
-
-
-def tool_versions() -> dict[str, str]:
-    """The installed versions of every tool that shapes the build (read from package metadata, no imports)."""
-    versions = {}
-    for name in TOOLS:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def build_key(sources: list[dict[str, Any]], weight_format: str, target_device: str, tools: dict[str, str]) -> str:

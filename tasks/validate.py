@@ -28,6 +28,7 @@ from tasks.merge import load_tokenizer
 from tasks.reference import Scores, load_reference
 from tasks.resources import compiled_bytes_per_parameter, weights_size
 from tasks.stream_merge import NotStreamable, StreamPlan, plan_stream_merge
+from tasks.workdir import Step
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "demo" / "prompts" / "sql.jsonl"
@@ -642,23 +643,29 @@ def validate_step(
     return report
 
 
-def _validate_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    # The IR folder's name carries the hash of everything it was built from; the prompts count by content,
-    # the gate by its code (its bounds live there).
-    from tasks import gate
-    from tasks.workdir import input_key
+# What the report depends on beyond its inputs: the runtime it runs the IR on, the torch reference it
+# compares with, and the gate's code (its bounds live there).
+VALIDATE = Step(
+    "validate",
+    tools=("openvino", "openvino-genai", "openvino-tokenizers", "transformers", "tokenizers", "safetensors", "peft",
+           "torch"),
+    modules=("tasks.validate", "tasks.gate", "tasks.reference", "tasks.merge", "tasks.stream_merge",
+             "modelrepo.numerics"),
+)
 
+
+def _validate_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    # The IR folder's name carries the hash of everything it was built from; the prompts count by content.
     ir_dir, prompts = Path(parameters["ir_dir"]), Path(parameters["prompts_path"])
     if not ir_dir.is_dir() or not prompts.is_file():
         return None
-    return "validate-" + input_key(
+    return "validate-" + VALIDATE.key(
         str(ir_dir.resolve()),
         hashlib.sha256(prompts.read_bytes()).hexdigest(),
         parameters["weight_format"],
         parameters["numerics"].to_json(),
         parameters["model_name"],
         [str(a) for a in parameters["adapter_dirs"]],
-        hashlib.sha256(Path(gate.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest(),
     )
 
 

@@ -137,6 +137,33 @@ def test_fp16_merged_build_is_published_with_manifest_and_report_and_reused(
     assert states["publish-merged_model"] == "Completed"
 
 
+def test_an_upgraded_tool_rebuilds_the_steps_it_shapes_and_the_manifest_records_it(
+    demo_sources: DemoSources, tmp_path: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import workdir
+
+    repo = tmp_path / "models"
+    args = dict(source_model=str(demo_sources.base), adapters=[str(demo_sources.sql_adapter)],
+                model_name="merged_model", repository=repo, work_dir=work)
+    assert build_model(**args).version == 1
+    folders = {p.name for p in work.iterdir()}
+    # peft upgraded (as installed_version reports it; the manifest and every key read it there)
+    installed = workdir.installed_version
+    upgraded = {"peft": "99.0+upgraded"}
+    monkeypatch.setattr(workdir, "installed_version", lambda name: upgraded.get(name) or installed(name))
+    state = build_model(**args, return_state=True)
+    published = state.result()
+    # not up to date (the build key holds the tools), and nothing reused: merged again, so exported again
+    assert (published.version, published.published) == (2, True)
+    states = task_states(state, {"merge", "export-fp16", "validate"})
+    assert states["merge"] == states["export-fp16"] == states["validate"] == "Completed", states
+    new = sorted({p.name for p in work.iterdir()} - folders)
+    assert [n.split("-")[0] for n in new] == ["ir", "merged"], new
+    manifest = modelrepo.read_manifest(repo / "merged_model" / "2")
+    assert manifest["tools"]["peft"] == "99.0+upgraded"
+    assert modelrepo.read_manifest(repo / "merged_model" / "1")["tools"]["peft"] == installed("peft")
+
+
 def test_gpu_target_gives_int8_weights(demo_sources: DemoSources, tmp_path: Path, work: Path) -> None:
     repo = tmp_path / "models"
     published = build_model(  # as the reference demo's GPU command: the adapter's tokenizer too

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -81,8 +80,7 @@ def prefect_api(prefect_server: None) -> str:
 
 
 def run_flow(
-    args: list[str], prefect_api: str, *, kill_at: tuple[str, str] | None = None, mark: Path | None = None,
-    preexec: object = None,
+    args: list[str], prefect_api: str, *, kill_at: tuple[str, str] | None = None, mark: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`python -m flows.build_model ARGS`, or the same through tests.hardening.killpoint."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api}
@@ -92,7 +90,7 @@ def run_flow(
     if kill_at is not None:
         command = [sys.executable, "-m", "tests.hardening.killpoint", *kill_at, "--", *args]
     return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec  # type: ignore[arg-type]
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -115,12 +113,20 @@ def step_outputs_are_whole(work: Path) -> None:
 
 # In the order of the flow. A merge killed half-written is redone by the next run; an export
 # killed once its output is in place is reused by the next run (both paths of tasks.workdir).
+# Each fires inside its step's task run, which the kill mark names (the task's run name).
 KILL_POINTS = {
-    "fetch": ("tasks.sources:snapshot_path", "enter"),  # the fetch step locating the pinned files
+    "fetch": ("tasks.sources:fetch_source", "enter"),  # the fetch task started (its cache refreshed: see killpoint)
     "merge": ("tasks.merge:atomic_output", "inside"),  # merged weights written, not yet moved into place
     "export": ("tasks.export:atomic_output", "after"),  # IR moved into place, the step not yet returned
     "validate": ("tasks.validate:load_reference", "enter"),  # the torch reference being loaded
     "publish": ("modelrepo.publish:_commit", "enter"),  # version folder complete, index not yet replaced
+}
+KILLED_TASK_RUNS = {
+    "fetch": "fetch-base",
+    "merge": "merge",
+    "export": "export-fp16",
+    "validate": "validate",
+    "publish": "publish-merged_model",
 }
 
 
@@ -141,12 +147,16 @@ def test_the_build_flow_killed_inside_each_step_publishes_nothing_and_the_old_ve
         merged_build_args(demo_sources, flow_repository, flow_work), prefect_api, kill_at=KILL_POINTS[step], mark=mark
     )
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-3000:])
-    assert mark.read_text().startswith(KILL_POINTS[step][0]), mark.read_text()
+    target, when = KILL_POINTS[step]
+    assert mark.read_text() == f"{target} {when} in task run {KILLED_TASK_RUNS[step]}", mark.read_text()
 
     assert (flow_repository / "index.json").read_bytes() == index_before
     live_versions_verify(flow_repository)
     step_outputs_are_whole(flow_work)
-    time.sleep(1.0)  # two poll intervals: a reload, if the kill had caused one, would have happened
+    # Made to read the repository now (a forced reload, answered once it is applied), the server still
+    # serves the old versions: what the kill left in the repository changes nothing it serves.
+    reloaded = httpx.post(f"{flow_server.url}/v1/config/reload", timeout=120)
+    assert reloaded.status_code == 200, reloaded.text
     assert ready_models(flow_server) == LIVE
     assert greedy(flow_server, "merged_model", REFERENCE_PROMPT) == answer_before
 
@@ -169,25 +179,23 @@ def test_after_the_kills_the_same_build_completes_and_goes_live(
 
 
 @contextlib.contextmanager
-def full_disk(size: str = "1m") -> Iterator[tuple[Path, object]]:
-    """A work folder on a 1 MiB tmpfs (root), or else a 1 MiB file-size limit on the flow's process."""
+def full_disk(size: str = "1m") -> Iterator[Path]:
+    """A work folder on a 1 MiB tmpfs: a disk that really fills up. Mounting one needs root; without it
+    the test is skipped, not turned into another test (a file-size limit fails with EFBIG, a different
+    error, which the export does not name: tried, the run ends with OpenVINO's 'iostream error')."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is a 1 MiB tmpfs, and mounting one needs root")
     folder = Path(tempfile.mkdtemp(prefix="full-disk-"))
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
-    ).returncode == 0
     try:
-        if mounted:
-            yield folder, None
-        else:
-
-            def limit() -> None:
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-                resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-            yield folder, limit
-    finally:
-        if mounted:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        try:
+            yield folder
+        finally:
             subprocess.run(["umount", str(folder)], check=False)
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -197,10 +205,10 @@ def test_no_disk_space_during_export_fails_the_run_naming_the_cause_and_publishe
     index_before = (flow_repository / "index.json").read_bytes()
     versions_before = ready_models(flow_server)
     answer_before = greedy(flow_server, "base_model", REFERENCE_PROMPT)
-    with full_disk() as (work, preexec):
+    with full_disk() as work:
         args = ["--source-model", str(demo_sources.base), "--model-name", "base_model",
                 "--repository", str(flow_repository), "--work-dir", str(work)]
-        done = run_flow(args, prefect_api, preexec=preexec)
+        done = run_flow(args, prefect_api)
         leftovers = sorted(p.name for p in work.iterdir())
     assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
     assert leftovers == [], f"the failed export left {leftovers} in the work folder"
@@ -210,7 +218,7 @@ def test_no_disk_space_during_export_fails_the_run_naming_the_cause_and_publishe
     # and the one line the run ends with names the cause
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("build_model failed:"), last
-    assert "No space left on device" in last or "File too large" in last, last
+    assert "No space left on device" in last, last
 
 
 # ---- a corrupted version, a broken index ----
@@ -347,7 +355,7 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
         answers: list[tuple[tuple[str, str], str]] = []
         retries: list[str] = []
         with clients_asking(url, jobs, 8, answers, retries):
-            time.sleep(1.5)
+            wait_for(lambda: len(answers) >= 8, timeout=60, what="the clients to be answered")
             engines = engine_processes(server.process.pid, serving_only=False)  # the spare exits too
             assert len(engines) > len(LIVE), engines
             server.process.kill()  # SIGKILL: no shutdown code runs, requests in flight are cut
@@ -357,7 +365,8 @@ def test_the_server_killed_and_restarted_under_load_comes_back_with_the_same_ans
                      what="the killed server's engine processes to exit")
             server.process = start_on_port(repository, port, log)
             wait_for(lambda: _ready(url), timeout=120, what="the server to come back")
-            time.sleep(1.5)
+            answered = len(answers)
+            wait_for(lambda: len(answers) >= answered + 8, timeout=60, what="answers from the restarted server")
     finally:
         server.process.terminate()
         server.process.wait(timeout=60)
@@ -395,13 +404,14 @@ def test_an_engine_process_killed_under_load_is_replaced_and_answers_the_same(
     answers: list[tuple[tuple[str, str], str]] = []
     retries: list[str] = []
     with clients_asking(server.url, jobs, 6, answers, retries, also_retry="engine_error"):
-        time.sleep(1.0)
+        wait_for(lambda: len(answers) >= 6, timeout=60, what="the clients to be answered")
         for p in engines:
             p.kill()  # the OOM killer, say: requests in flight fail, the server stays up
         wait_for(lambda: len(engine_processes(server.process.pid)) == len(LIVE), what="new engine processes")
         for job in jobs:  # each model answers again
             _ask_until_answered(server.url, job, [], patience=60, also_retry="engine_error")
-        time.sleep(1.0)
+        answered = len(answers)
+        wait_for(lambda: len(answers) >= answered + 6, timeout=60, what="the clients to be answered again")
     assert server.process.poll() is None
     assert not {p.pid for p in engines} & {p.pid for p in engine_processes(server.process.pid)}
     wrong = [(job, text) for job, text in answers if text != expected[job]]

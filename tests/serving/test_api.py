@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -220,6 +221,24 @@ def test_bad_completion_parameters_are_named_with_400(server: Server, body: dict
     assert err["type"] == "invalid_request_error"
 
 
+def _both_endpoints(http: httpx.Client, body: dict) -> dict[str, dict]:
+    """The same request as a completion of "The city" and as a chat answer to "hi": each 200, its body."""
+    bodies = {}
+    for path, extra in (("/v3/completions", {"prompt": "The city"}),
+                        ("/v3/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        chat_body = {"model": "base_model", **extra, **body}
+        if path.endswith("chat/completions"):
+            chat_body.pop("logprobs", None)
+        r = http.post(path, json=chat_body)
+        assert r.status_code == 200, (path, r.text)
+        bodies[path] = r.json()
+    return bodies
+
+
+def _texts(body: dict) -> list[str]:
+    return [c["text"] if "text" in c else c["message"]["content"] for c in body["choices"]]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -229,14 +248,49 @@ def test_bad_completion_parameters_are_named_with_400(server: Server, body: dict
         {"top_k": -1, "user": "someone", "logprobs": 0, "n": 2},
     ],
 )
-def test_every_documented_parameter_is_accepted(server: Server, extra: dict) -> None:
+def test_every_documented_parameter_is_accepted_and_max_tokens_still_bounds(server: Server, extra: dict) -> None:
     with server.client() as http:
-        r = http.post("/v3/completions", json={"model": "base_model", "prompt": "The city", "max_tokens": 5, **extra})
-        assert r.status_code == 200, r.text
-        chat = {"model": "base_model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **extra}
-        chat.pop("logprobs", None)
-        r = http.post("/v3/chat/completions", json=chat)
-        assert r.status_code == 200, r.text
+        for path, body in _both_endpoints(http, {"max_tokens": 5, **extra}).items():
+            n = extra.get("n", 1)
+            assert len(body["choices"]) == n, (path, body)
+            assert 0 < body["usage"]["completion_tokens"] <= 5 * n, (path, body["usage"])
+            if extra.get("ignore_eos") and not extra.get("stop"):
+                assert body["usage"]["completion_tokens"] == 5 * n, (path, body["usage"])
+
+
+def test_max_tokens_bounds_both_endpoints_exactly_without_eos(server: Server) -> None:
+    with server.client() as http:
+        for path, body in _both_endpoints(http, {"max_tokens": 3, "ignore_eos": True}).items():
+            assert body["usage"]["completion_tokens"] == 3, (path, body["usage"])
+            assert body["choices"][0]["finish_reason"] == "length", path
+
+
+def test_a_seed_repeats_a_sampled_answer_and_other_seeds_change_it(server: Server) -> None:
+    sampled = {"temperature": 1.0, "top_p": 0.95, "top_k": 20, "max_tokens": 16, "ignore_eos": True}
+    with server.client() as http:
+        first = _both_endpoints(http, {**sampled, "seed": 3})
+        again = _both_endpoints(http, {**sampled, "seed": 3})
+        others = [_both_endpoints(http, {**sampled, "seed": seed}) for seed in range(4, 9)]
+    for path in first:
+        assert _texts(again[path]) == _texts(first[path]), path  # the same seed: the same tokens
+        # and the seed is what decides them: five other seeds do not all land on the same answer
+        assert any(_texts(o[path]) != _texts(first[path]) for o in others), (path, _texts(first[path]))
+
+
+def test_a_stop_string_ends_the_answer_on_both_endpoints(server: Server) -> None:
+    greedy = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+    with server.client() as http:
+        full = {path: _texts(b)[0] for path, b in _both_endpoints(http, greedy).items()}
+        for path, text in full.items():
+            # a stop string that occurs in the answer, after its start: the first word of its second half,
+            # with the space before it (a word's token starts with its space; see the report for a stop
+            # string that starts inside a token)
+            word = re.compile(r" \w+").search(text, len(text) // 2)
+            assert word, (path, text)
+            stop = word.group()
+            body = _both_endpoints(http, {**greedy, "stop": [stop]})[path]
+            assert _texts(body)[0] == text[: text.index(stop)], (path, text, stop)
+            assert body["choices"][0]["finish_reason"] == "stop", path
 
 
 def test_bad_chat_parameters_are_named_with_400(server: Server) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import modelrepo
-from tasks.publish import REPORT, build_key, publish_model, tool_versions, up_to_date
+from tasks.publish import REPORT, build_key, publish_model, up_to_date
+from tasks.workdir import tool_versions
 from tests.support import DemoRepository
 
 # Runs one publish in a child process that SIGKILLs itself at a given point inside modelrepo: a real
