@@ -1,32 +1,35 @@
-"""Completions and chat completions: from a protocol request to engine requests and back to OpenAI's responses."""
+"""Completions and chat completions: one path from a protocol request to engine requests and back.
+
+`Service.answer` (a whole response) and `Service.stream` (its chunks) route, tokenize, submit and read
+the engine's events the same way for both endpoints; what differs between them (how a prompt is
+tokenized, the shapes of a choice and a chunk) is a small class each, `_CompletionCall` and
+`_ChatCall`. The service knows nothing of HTTP: the handlers cancel an answer whose client left and
+turn chunks into server-sent events (serving/sse.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
 from serving import protocol as p
-from serving.engine import Request
+from serving.engine import Engine, Request
 from serving.engine_core import Delta, Failed, Finished
-from serving.errors import ClientClosed, EngineClosed, EngineFailure, InvalidParameter, ServingError
+from serving.errors import EngineClosed, EngineFailure, InvalidParameter
 from serving.metrics import Metrics
 from serving.registry import Registry, Route
 
 # A retired engine refuses new requests: look the name up again this many times.
 _ROUTE_ATTEMPTS = 3
 
-
-@dataclass
-class Prepared:
-    """A tokenized request: the prompts' ids and one GenerationConfig per choice."""
-
-    prompts: list[str]
-    prompt_ids: list[list[int]]
-    configs: list[list[object]]  # [prompt][choice]
+Req = TypeVar("Req", p.CompletionRequest, p.ChatCompletionRequest)
+Logprobs = list[tuple[str, float]]  # (token text, logprob) per generated token
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Generation:
     """The engine requests of one HTTP request (prompts x n choices), read as one stream of events."""
 
     route: Route
+    prompts: list[str]  # the prompt texts (as rendered, for chat)
     requests: list[Request]
     prompt_tokens: int
     started: float
@@ -43,6 +47,11 @@ class Generation:
     def fingerprint(self) -> str:
         """The version that answers, as OpenAI's system_fingerprint: "name/version"."""
         return self.route.entry.path
+
+    @property
+    def usage(self) -> p.Usage:
+        completion = sum(self.completion_tokens.values())
+        return p.Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
 
     def cancel(self) -> None:
         for r in self.requests:
@@ -62,6 +71,173 @@ class Generation:
             yield index, event
 
 
+class _Call(ABC, Generic[Req]):
+    """One request to one endpoint: what differs between completions and chat."""
+
+    endpoint: ClassVar[str]  # the metrics' label
+    id_prefix: ClassVar[str]
+
+    def __init__(self, req: Req) -> None:
+        self.req = req
+        self.id = p.new_id(self.id_prefix)
+        self.created = p.now()
+
+    @abstractmethod
+    def tokenize(self, engine: Engine) -> tuple[list[str], list[list[int]]]:
+        """The prompt texts and their token ids (blocking: runs in a worker thread)."""
+
+    @abstractmethod
+    def response(
+        self, gen: Generation, texts: dict[int, str], logprobs: dict[int, Logprobs], reasons: dict[int, str]
+    ) -> msgspec.Struct:
+        """The whole answer of a non-streaming request."""
+
+    @abstractmethod
+    def prelude(self, gen: Generation) -> list[msgspec.Struct]:
+        """The chunks a stream starts with, before any token."""
+
+    @abstractmethod
+    def delta(self, gen: Generation, index: int, event: Delta) -> msgspec.Struct:
+        """The chunk carrying new text of choice `index`."""
+
+    @abstractmethod
+    def finish(self, gen: Generation, index: int, reason: str) -> msgspec.Struct:
+        """The chunk ending choice `index`."""
+
+    @abstractmethod
+    def usage(self, gen: Generation) -> msgspec.Struct:
+        """The chunk with the usage, after every choice's end (stream_options.include_usage)."""
+
+
+class _CompletionCall(_Call[p.CompletionRequest]):
+    endpoint = "completions"
+    id_prefix = "cmpl"
+
+    def __init__(self, req: p.CompletionRequest) -> None:
+        super().__init__(req)
+        self._offsets: dict[int, int] = {}  # per choice: the text streamed so far, for logprobs' text_offset
+
+    def tokenize(self, engine: Engine) -> tuple[list[str], list[list[int]]]:
+        prompts = self.req.prompts
+        return prompts, [list(engine.tokenizer.encode(t).input_ids.data[0]) for t in prompts]
+
+    def _logprobs(self, tokens: Logprobs, offset: int) -> p.CompletionLogprobs | None:
+        if self.req.logprobs is None:
+            return None
+        offsets = []
+        for tok, _ in tokens:
+            offsets.append(offset)
+            offset += len(tok)
+        return p.CompletionLogprobs(
+            tokens=[t for t, _ in tokens],
+            token_logprobs=[lp for _, lp in tokens],
+            top_logprobs=[{t: lp} if self.req.logprobs else {} for t, lp in tokens],
+            text_offset=offsets,
+        )
+
+    def _echo(self, gen: Generation, index: int) -> str:
+        return gen.prompts[index // self.req.n] if self.req.echo else ""
+
+    def response(
+        self, gen: Generation, texts: dict[int, str], logprobs: dict[int, Logprobs], reasons: dict[int, str]
+    ) -> p.Completion:
+        choices = []
+        for index in range(len(gen.requests)):
+            prefix = self._echo(gen, index)
+            lp = self._logprobs(logprobs[index], len(prefix))
+            choices.append(p.CompletionChoice(index, prefix + texts[index], lp, reasons[index]))  # type: ignore[arg-type]
+        return p.Completion(
+            self.id, self.created, self.req.model, choices, gen.usage, system_fingerprint=gen.fingerprint
+        )
+
+    def _chunk(
+        self, gen: Generation, choices: list[p.CompletionChoice], usage: p.Usage | None = None
+    ) -> p.CompletionChunk:
+        return p.CompletionChunk(
+            self.id, self.created, self.req.model, choices, usage=usage, system_fingerprint=gen.fingerprint
+        )
+
+    def prelude(self, gen: Generation) -> list[msgspec.Struct]:
+        if not self.req.echo:
+            return []
+        echoed = [p.CompletionChoice(i, self._echo(gen, i), None, None) for i in range(len(gen.requests))]
+        return [self._chunk(gen, [choice]) for choice in echoed]
+
+    def delta(self, gen: Generation, index: int, event: Delta) -> p.CompletionChunk:
+        offset = self._offsets.get(index, 0)
+        lp = self._logprobs(event.tokens, offset)
+        self._offsets[index] = offset + len(event.text)
+        return self._chunk(gen, [p.CompletionChoice(index, event.text, lp, None)])
+
+    def finish(self, gen: Generation, index: int, reason: str) -> p.CompletionChunk:
+        return self._chunk(gen, [p.CompletionChoice(index, "", None, reason)])  # type: ignore[arg-type]
+
+    def usage(self, gen: Generation) -> p.CompletionChunk:
+        return self._chunk(gen, [], gen.usage)
+
+
+class _ChatCall(_Call[p.ChatCompletionRequest]):
+    endpoint = "chat/completions"
+    id_prefix = "chatcmpl"
+
+    def tokenize(self, engine: Engine) -> tuple[list[str], list[list[int]]]:
+        try:
+            text = engine.tokenizer.apply_chat_template(self.req.history(), add_generation_prompt=True)
+            # The template writes the BOS itself (as HF's apply_chat_template(tokenize=True) does not add one).
+            ids = list(engine.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0])
+        except Exception as e:
+            raise InvalidParameter(
+                f"the model's chat template cannot render these messages: {e}", param="messages"
+            ) from None
+        return [text], [ids]
+
+    def _logprobs(self, tokens: Logprobs) -> p.ChatChoiceLogprobs | None:
+        if not self.req.logprobs:
+            return None
+        return p.ChatChoiceLogprobs([p.ChatLogprob(t, lp, list(t.encode()), []) for t, lp in tokens])
+
+    def response(
+        self, gen: Generation, texts: dict[int, str], logprobs: dict[int, Logprobs], reasons: dict[int, str]
+    ) -> p.ChatCompletion:
+        choices = [
+            p.ChatChoice(i, p.AssistantMessage(texts[i]), self._logprobs(logprobs[i]), reasons[i])  # type: ignore[arg-type]
+            for i in range(len(gen.requests))
+        ]
+        return p.ChatCompletion(
+            self.id, self.created, self.req.model, choices, gen.usage, system_fingerprint=gen.fingerprint
+        )
+
+    def _chunk(
+        self, gen: Generation, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None
+    ) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(
+            self.id, self.created, self.req.model, choices, usage=usage, system_fingerprint=gen.fingerprint
+        )
+
+    def prelude(self, gen: Generation) -> list[msgspec.Struct]:
+        role = p.ChatDelta(role="assistant", content="")
+        return [self._chunk(gen, [p.ChatChunkChoice(i, role, None, None)]) for i in range(len(gen.requests))]
+
+    def delta(self, gen: Generation, index: int, event: Delta) -> p.ChatCompletionChunk:
+        choice = p.ChatChunkChoice(index, p.ChatDelta(content=event.text), self._logprobs(event.tokens), None)
+        return self._chunk(gen, [choice])
+
+    def finish(self, gen: Generation, index: int, reason: str) -> p.ChatCompletionChunk:
+        return self._chunk(gen, [p.ChatChunkChoice(index, p.ChatDelta(), None, reason)])  # type: ignore[arg-type]
+
+    def usage(self, gen: Generation) -> p.ChatCompletionChunk:
+        return self._chunk(gen, [], gen.usage)
+
+
+def _call_for(req: p.CompletionRequest | p.ChatCompletionRequest) -> _Call:
+    return _CompletionCall(req) if isinstance(req, p.CompletionRequest) else _ChatCall(req)
+
+
+# A stream's chunks, and what cancels its generation: the HTTP layer calls it once the response is
+# over, a disconnect included (an abandoned async generator's `finally` would wait for the GC).
+Stream = tuple[AsyncIterator[msgspec.Struct], Callable[[], None]]
+
+
 class Service:
     """Drives the engines for the HTTP handlers and records the metrics of what they serve."""
 
@@ -69,50 +245,100 @@ class Service:
         self.registry = registry
         self.metrics = metrics
 
-    async def start(
-        self, req: p.CompletionRequest | p.ChatCompletionRequest, prepare: Callable[[Route], Awaitable[Prepared]]
-    ) -> tuple[Generation, Prepared]:
-        """Route, prepare and submit; a retired engine (a reload in between) is retried on the new route."""
-        n = req.n
+    async def answer(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> Coroutine[Any, Any, msgspec.Struct]:
+        """Start generating (errors here are HTTP errors), then return the whole response to await.
+
+        Cancelling that (its client went away) cancels the generation in the engine.
+        """
+        call = _call_for(req)
+        gen = await self._start(call)
+        return self._whole(call, gen)
+
+    async def _whole(self, call: _Call, gen: Generation) -> msgspec.Struct:
+        texts: dict[int, list[str]] = {i: [] for i in range(len(gen.requests))}
+        logprobs: dict[int, Logprobs] = {i: [] for i in range(len(gen.requests))}
+        reasons: dict[int, str] = {}
+        try:
+            async for index, event in gen.events():
+                if isinstance(event, Delta):
+                    texts[index].append(event.text)
+                    logprobs[index].extend(event.tokens)
+                else:
+                    reasons[index] = event.finish_reason
+        finally:
+            gen.cancel()  # cancelled or failed: the engine drops what is left (a finished request is a no-op)
+        self._record(gen, call.endpoint)
+        return call.response(gen, {i: "".join(t) for i, t in texts.items()}, logprobs, reasons)
+
+    async def stream(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> Stream:
+        """Start generating (errors here are HTTP errors), then return the chunks and a canceller.
+
+        An error after the start is raised from the chunks' iterator, for the HTTP layer to send as an error frame.
+        """
+        call = _call_for(req)
+        gen = await self._start(call)
+
+        async def chunks() -> AsyncIterator[msgspec.Struct]:
+            for chunk in call.prelude(gen):
+                yield chunk
+            async for index, event in gen.events():
+                yield call.delta(gen, index, event) if isinstance(event, Delta) else call.finish(
+                    gen, index, event.finish_reason
+                )
+            if req.include_usage_in_stream:
+                yield call.usage(gen)
+            self._record(gen, call.endpoint)
+
+        return chunks(), gen.cancel
+
+    async def _start(self, call: _Call) -> Generation:
+        """Route, tokenize and submit; a retired engine (a reload in between) is retried on the new route."""
+        req = call.req
         for attempt in range(_ROUTE_ATTEMPTS):
             route = self.registry.route(req.model)
-            prepared = await prepare(route)
+            engine = route.engine
+            prompts, ids = await asyncio.to_thread(call.tokenize, engine)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
             requests = [
                 Request(
-                    prompt_ids=ids,
-                    config=prepared.configs[i][j],
+                    prompt_ids=x,
+                    config=req.to_generation_config(
+                        engine.info.generation_config,
+                        prompt_tokens=len(x),
+                        context_length=engine.info.context_length,
+                        choice_index=j,
+                        logprobs=1 if req.logprobs else 0,
+                    ),
                     adapter=route.adapter,
                     loop=loop,
                     events=queue,
-                    index=i * n + j,
+                    index=i * req.n + j,
                     want_logprobs=req.wants_logprobs,
                     stream=req.stream,
                 )
-                for i, ids in enumerate(prepared.prompt_ids)
-                for j in range(n)
+                for i, x in enumerate(ids)
+                for j in range(req.n)
             ]
             submitted: list[Request] = []
             try:
                 for r in requests:
-                    route.engine.submit(r)
+                    engine.submit(r)
                     submitted.append(r)
             except EngineClosed:
                 for r in submitted:
-                    route.engine.cancel(r)
+                    engine.cancel(r)
                 if attempt == _ROUTE_ATTEMPTS - 1:
                     raise
                 continue
             except BaseException:
                 for r in submitted:
-                    route.engine.cancel(r)
+                    engine.cancel(r)
                 raise
-            tokens = sum(len(ids) for ids in prepared.prompt_ids)
-            return Generation(route, requests, tokens, time.monotonic()), prepared
+            return Generation(route, prompts, requests, sum(len(x) for x in ids), time.monotonic())
         raise AssertionError("unreachable")
 
-    def record(self, gen: Generation, endpoint: str) -> None:
+    def _record(self, gen: Generation, endpoint: str) -> None:
         model = gen.route.name
         done = time.monotonic()
         self.metrics.requests.labels(model, endpoint, "200").inc()
@@ -122,230 +348,3 @@ class Service:
         self.metrics.ttft.labels(model).observe((min(firsts) if firsts else done) - gen.started)
         self.metrics.latency.labels(model).observe(done - gen.started)
 
-    def usage(self, gen: Generation) -> p.Usage:
-        completion = sum(gen.completion_tokens.values())
-        return p.Usage(gen.prompt_tokens, completion, gen.prompt_tokens + completion)
-
-    # ---- completions ----
-
-    def _completion_preparer(self, req: p.CompletionRequest) -> Callable[[Route], Awaitable[Prepared]]:
-        async def prepare(route: Route) -> Prepared:
-            engine = route.engine
-            ids = await asyncio.to_thread(
-                lambda: [list(engine.tokenizer.encode(t).input_ids.data[0]) for t in req.prompts]
-            )
-            configs = [
-                [
-                    req.to_generation_config(
-                        engine.info.generation_config,
-                        prompt_tokens=len(x),
-                        context_length=engine.info.context_length,
-                        choice_index=j,
-                        logprobs=1 if req.logprobs else 0,
-                    )
-                    for j in range(req.n)
-                ]
-                for x in ids
-            ]
-            return Prepared(req.prompts, ids, configs)
-
-        return prepare
-
-    async def completion(self, req: p.CompletionRequest, disconnected: asyncio.Event) -> p.Completion:
-        gen, prepared = await self.start(req, self._completion_preparer(req))
-        texts, logprobs, reasons = await _collect(gen, disconnected)
-        choices = []
-        for index in range(len(gen.requests)):
-            prefix = prepared.prompts[index // req.n] if req.echo else ""
-            text = prefix + texts[index]
-            lp = None
-            if req.logprobs is not None:
-                lp = _completion_logprobs(logprobs[index], req.logprobs, len(prefix))
-            choices.append(p.CompletionChoice(index, text, lp, reasons[index]))  # type: ignore[arg-type]
-        self.record(gen, "completions")
-        return p.Completion(
-            p.new_id("cmpl"), p.now(), req.model, choices, self.usage(gen), system_fingerprint=gen.fingerprint
-        )
-
-    async def stream_completion(self, req: p.CompletionRequest) -> Stream:
-        """Start generating (errors here are HTTP errors), then return the SSE data lines and a canceller."""
-        gen, prepared = await self.start(req, self._completion_preparer(req))
-        cid, created = p.new_id("cmpl"), p.now()
-
-        def chunk(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> str:
-            body = p.CompletionChunk(cid, created, req.model, choices, usage=usage, system_fingerprint=gen.fingerprint)
-            return msgspec.json.encode(body).decode()
-
-        async def frames() -> AsyncIterator[str]:
-            try:
-                if req.echo:
-                    for index in range(len(gen.requests)):
-                        yield chunk([p.CompletionChoice(index, prepared.prompts[index // req.n], None, None)])
-                offsets: dict[int, int] = {}
-                async for index, event in gen.events():
-                    if isinstance(event, Delta):
-                        lp = None
-                        if req.logprobs is not None:
-                            lp = _completion_logprobs(event.tokens, req.logprobs, offsets.get(index, 0))
-                        offsets[index] = offsets.get(index, 0) + len(event.text)
-                        yield chunk([p.CompletionChoice(index, event.text, lp, None)])
-                    else:
-                        yield chunk([p.CompletionChoice(index, "", None, event.finish_reason)])  # type: ignore[arg-type]
-                if req.include_usage_in_stream:
-                    yield chunk([], self.usage(gen))
-                self.record(gen, "completions")
-            except ServingError as e:
-                yield error_frame(e, self.metrics, req.model)
-            yield "[DONE]"
-
-        return frames(), gen.cancel
-
-    # ---- chat ----
-
-    def _chat_preparer(self, req: p.ChatCompletionRequest) -> Callable[[Route], Awaitable[Prepared]]:
-        async def prepare(route: Route) -> Prepared:
-            engine = route.engine
-
-            def tokenize() -> tuple[str, list[int]]:
-                text = engine.tokenizer.apply_chat_template(req.history(), add_generation_prompt=True)
-                # The template writes the BOS itself (as HF's apply_chat_template(tokenize=True) does not add one).
-                return text, list(engine.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0])
-
-            try:
-                text, ids = await asyncio.to_thread(tokenize)
-            except Exception as e:
-                raise InvalidParameter(
-                    f"the model's chat template cannot render these messages: {e}", param="messages"
-                ) from None
-            configs = [
-                [
-                    req.to_generation_config(
-                        engine.info.generation_config,
-                        prompt_tokens=len(ids),
-                        context_length=engine.info.context_length,
-                        choice_index=j,
-                        logprobs=1 if req.logprobs else 0,
-                    )
-                    for j in range(req.n)
-                ]
-            ]
-            return Prepared([text], [ids], configs)
-
-        return prepare
-
-    async def chat(self, req: p.ChatCompletionRequest, disconnected: asyncio.Event) -> p.ChatCompletion:
-        gen, _ = await self.start(req, self._chat_preparer(req))
-        texts, logprobs, reasons = await _collect(gen, disconnected)
-        choices = [
-            p.ChatChoice(
-                index,
-                p.AssistantMessage(texts[index]),
-                _chat_logprobs(logprobs[index]) if req.logprobs else None,
-                reasons[index],  # type: ignore[arg-type]
-            )
-            for index in range(len(gen.requests))
-        ]
-        self.record(gen, "chat/completions")
-        return p.ChatCompletion(
-            p.new_id("chatcmpl"), p.now(), req.model, choices, self.usage(gen), system_fingerprint=gen.fingerprint
-        )
-
-    async def stream_chat(self, req: p.ChatCompletionRequest) -> Stream:
-        gen, _ = await self.start(req, self._chat_preparer(req))
-        cid, created = p.new_id("chatcmpl"), p.now()
-
-        def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> str:
-            body = p.ChatCompletionChunk(
-                cid, created, req.model, choices, usage=usage, system_fingerprint=gen.fingerprint
-            )
-            return msgspec.json.encode(body).decode()
-
-        async def frames() -> AsyncIterator[str]:
-            try:
-                for index in range(len(gen.requests)):
-                    yield chunk([p.ChatChunkChoice(index, p.ChatDelta(role="assistant", content=""), None, None)])
-                async for index, event in gen.events():
-                    if isinstance(event, Delta):
-                        lp = _chat_logprobs(event.tokens) if req.logprobs else None
-                        yield chunk([p.ChatChunkChoice(index, p.ChatDelta(content=event.text), lp, None)])
-                    else:
-                        yield chunk([p.ChatChunkChoice(index, p.ChatDelta(), None, event.finish_reason)])  # type: ignore[arg-type]
-                if req.include_usage_in_stream:
-                    yield chunk([], self.usage(gen))
-                self.record(gen, "chat/completions")
-            except ServingError as e:
-                yield error_frame(e, self.metrics, req.model)
-            yield "[DONE]"
-
-        return frames(), gen.cancel
-
-
-# The SSE data lines, and what cancels the generation: the HTTP layer calls it once the response is
-# over, a disconnect included (an abandoned async generator's `finally` would wait for the GC).
-Stream = tuple[AsyncIterator[str], Callable[[], None]]
-
-
-async def _collect(
-    gen: Generation, disconnected: asyncio.Event
-) -> tuple[dict[int, str], dict[int, list[tuple[str, float]]], dict[int, str]]:
-    """A non-streaming generation's whole text, logprobs and finish reason per choice index."""
-    parts: dict[int, list[str]] = {i: [] for i in range(len(gen.requests))}
-    logprobs: dict[int, list[tuple[str, float]]] = {i: [] for i in range(len(gen.requests))}
-    reasons: dict[int, str] = {}
-    async for index, event in _until_disconnected(gen, disconnected):
-        if isinstance(event, Delta):
-            parts[index].append(event.text)
-            logprobs[index].extend(event.tokens)
-        else:
-            reasons[index] = event.finish_reason
-    return {i: "".join(t) for i, t in parts.items()}, logprobs, reasons
-
-
-async def _until_disconnected(
-    gen: Generation, disconnected: asyncio.Event
-) -> AsyncIterator[tuple[int, Delta | Finished]]:
-    """Events of a non-streaming generation; a client that goes away cancels it."""
-    events = gen.events()
-    watcher = asyncio.ensure_future(disconnected.wait())
-    try:
-        while True:
-            nxt = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt not in done:
-                nxt.cancel()
-                gen.cancel()
-                raise ClientClosed("the client disconnected; its request was cancelled")
-            try:
-                item = nxt.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        watcher.cancel()
-        gen.cancel()
-
-
-def _completion_logprobs(tokens: list[tuple[str, float]], top: int | None, offset: int) -> p.CompletionLogprobs:
-    offsets = []
-    for tok, _ in tokens:
-        offsets.append(offset)
-        offset += len(tok)
-    return p.CompletionLogprobs(
-        tokens=[t for t, _ in tokens],
-        token_logprobs=[lp for _, lp in tokens],
-        top_logprobs=[{t: lp} if top else {} for t, lp in tokens],
-        text_offset=offsets,
-    )
-
-
-def _chat_logprobs(tokens: list[tuple[str, float]]) -> p.ChatChoiceLogprobs:
-    return p.ChatChoiceLogprobs([p.ChatLogprob(t, lp, list(t.encode()), []) for t, lp in tokens])
-
-
-def error_body(e: ServingError) -> p.ErrorBody:
-    return p.ErrorBody(p.ErrorInfo(e.message, e.type, e.param, e.code))
-
-
-def error_frame(e: ServingError, metrics: Metrics, model: str) -> str:
-    metrics.errors.labels(model, e.code or "error").inc()
-    return msgspec.json.encode(error_body(e)).decode()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import modelrepo
-import serving.app
+import serving.auth
 from demo.make_sources import DemoSources
 from tasks.errors import SourceError
 from tests.hardening.conftest import Server, assert_openai_error, tree_digest
@@ -54,7 +54,7 @@ def keyed_server(start_server, served_repository: Path, tmp_path_factory: pytest
 def test_the_api_key_comparison_accepts_only_the_key(authorization: str, accepted: bool) -> None:
     # That it takes constant time (hmac.compare_digest) is not measured: on a shared 2-core machine the
     # ~1 ms an ordinary == would leak on a 16 MiB key was within the timer's noise (tried, it flipped).
-    assert serving.app.api_key_matches(authorization, API_KEY) is accepted
+    assert serving.auth.api_key_matches(authorization, API_KEY) is accepted
 
 
 @pytest.mark.parametrize(

@@ -182,6 +182,14 @@ def test_health_metrics_config_and_openapi(server: Server) -> None:
         }
         schema = http.get("/schema/openapi.json").json()
         assert "/v3/completions" in schema["paths"] and "/v1/chat/completions" in schema["paths"]
+        # Both answers are documented: the JSON one, and the stream's chunks (text/event-stream)
+        for path, answer, chunk in [("/v3/completions", "Completion", "CompletionChunk"),
+                                    ("/v1/chat/completions", "ChatCompletion", "ChatCompletionChunk")]:
+            content = schema["paths"][path]["post"]["responses"]["200"]["content"]
+            assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{answer}"}
+            events = content["text/event-stream"]["schema"]
+            assert events["contentSchema"] == {"$ref": f"#/components/schemas/{chunk}"}
+            assert "choices" in schema["components"]["schemas"][chunk]["properties"]
 
 
 # ---- errors: OpenAI's shape, the right status, never a 500 ----

@@ -1,0 +1,35 @@
+"""Liveness, readiness (OVMS's /v2/health paths) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import MediaType, Response, get
+from litestar.di import NamedDependency
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serving.errors import NotReady
+from serving.metrics import Metrics
+from serving.registry import Registry
+
+
+@get("/v2/health/live", sync_to_thread=False)
+def live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@get("/v2/health/ready")
+async def ready(registry: NamedDependency[Registry]) -> dict[str, Any]:
+    if not registry.ready:
+        raise NotReady("the server is still loading its models")
+    return {
+        "status": "ready",
+        "generation": registry.generation,
+        "models": {n: r.entry.version for n, r in sorted(registry.table.items())},
+        "failures": {n: {"version": f.version, "error": f.message} for n, f in sorted(registry.failures.items())},
+    }
+
+
+@get("/metrics", media_type=MediaType.TEXT, sync_to_thread=False)
+def metrics(metrics: NamedDependency[Metrics]) -> Response[bytes]:
+    return Response(generate_latest(metrics.prometheus), media_type=CONTENT_TYPE_LATEST)
