@@ -78,7 +78,7 @@ def measure_build(plan: Plan, art: Artifacts, log: Path) -> tuple[list[Figure], 
     flow_log = log.with_name("build-flow.log")
     # Fewer validation prompts than the flow's default set: validating costs tens of seconds a prompt on this
     # model, and the run must fit in 20 minutes. The per-prompt cost is in the details.
-    from tasks.validate import DEFAULT_PROMPTS
+    from tasks.report import DEFAULT_PROMPTS
 
     prompts = plan.work / "validation-prompts.jsonl"
     lines = DEFAULT_PROMPTS.read_text(encoding="utf-8").splitlines()[:VALIDATION_PROMPTS]

@@ -74,7 +74,7 @@ def _prompts(work: Path) -> Path:
 
     The gate then compares each prompt's own greedy continuation, as for any prompt set without references.
     """
-    from tasks.validate import DEFAULT_PROMPTS, load_prompts
+    from tasks.report import DEFAULT_PROMPTS, load_prompts
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / "validation-prompts.jsonl"

@@ -32,9 +32,10 @@ from tasks.logs import Progress, step_logger
 from tasks.merge import MERGE, merge
 from tasks.publish import Published, build_key, make_manifest, publish, up_to_date
 from tasks.reference import reference_needs
+from tasks.report import DEFAULT_PROMPTS, require_computable
 from tasks.resources import export_needs, require_memory, validate_needs, weights_size
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
-from tasks.validate import DEFAULT_PROMPTS, require_computable, validate
+from tasks.validate import validate
 from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, tool_versions
 
 

@@ -25,8 +25,8 @@ from tasks.adapter import check_fit, stage
 from tasks.errors import PipelineError, SourceError
 from tasks.logs import step_logger
 from tasks.publish import Published, build_key, live_build, make_manifest, publish, up_to_date
+from tasks.report import DEFAULT_PROMPTS, require_computable
 from tasks.sources import fetch_source, resolve_source, snapshot_path
-from tasks.validate import DEFAULT_PROMPTS, require_computable
 from tasks.validate_adapter import validate_adapter
 from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key, tool_versions
 

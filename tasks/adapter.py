@@ -9,9 +9,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from modelrepo import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from tasks.adapter_fit import check_adapter_fits
 from tasks.errors import SourceError
 from tasks.logs import step_logger
-from tasks.merge import check_adapter_fits
 from tasks.workdir import atomic_output
 
 

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from modelrepo import ADAPTER_WEIGHTS
+from tasks.loaders import load_base
 from tasks.logs import step_logger
-from tasks.merge import load_base
 from tasks.resources import GB, WeightsSize, available_bytes, require_memory, weights_size, whole_model_needs
 from tasks.stream_merge import (
     NotStreamable,

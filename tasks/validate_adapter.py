@@ -11,20 +11,18 @@ from prefect.cache_policies import NO_CACHE
 from modelrepo import ADAPTER_WEIGHTS
 from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics
+from tasks.engine import genai_generate, genai_greedy, genai_pipeline
 from tasks.errors import ValidationFailed
 from tasks.gate import bounds_for, log_softmax
+from tasks.loaders import load_tokenizer
 from tasks.logs import step_logger
-from tasks.merge import load_tokenizer
 from tasks.reference import load_reference
-from tasks.validate import (
+from tasks.report import (
     MAX_NEW_TOKENS,
     Row,
     ValidationReport,
     compared,
     continuation,
-    genai_generate,
-    genai_greedy,
-    genai_pipeline,
     load_prompts,
     make_row,
     publish_report,

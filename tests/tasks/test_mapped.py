@@ -38,7 +38,7 @@ def test_writable_maps_are_left_alone(tmp_path: Path) -> None:
 
 def test_the_engine_answers_the_same_with_its_weights_released(demo_repository) -> None:
     from modelrepo.numerics import default_numerics
-    from tasks.validate import genai_greedy, genai_pipeline
+    from tasks.engine import genai_greedy, genai_pipeline
 
     ir = demo_repository.root / "merged_model" / "1"
     weights = ir / "openvino_model.bin"

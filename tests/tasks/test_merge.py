@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from demo.make_sources import DemoSources
+from tasks.adapter_fit import check_adapter_fits
 from tasks.errors import AdapterMismatch, SourceError
-from tasks.merge import check_adapter_fits, merge_adapters
+from tasks.merge import merge_adapters
 from tests.tasks.makers import pickled_adapter, random_adapter, resaved, tiny_llama
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -26,7 +27,7 @@ def peft_merged(base: Path, adapters: list[Path], tokenizer: Path | None = None)
     """The merge as peft makes it: the base loaded in f32, each adapter merge_and_unload'ed in turn."""
     from peft import PeftModel
 
-    from tasks.merge import load_base, load_tokenizer
+    from tasks.loaders import load_base, load_tokenizer
 
     model = load_base(base, load_tokenizer(base, tokenizer))
     for adapter in adapters:
@@ -126,7 +127,7 @@ def test_adapters_merge_in_order_into_the_sum_of_their_deltas(demo_sources: Demo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.merge import load_tokenizer
+    from tasks.loaders import load_tokenizer
     from tasks.reference import PeftReference
 
     adapters = [demo_sources.sql_adapter, demo_sources.spell_adapter]
@@ -177,7 +178,7 @@ def test_streamed_merge_keeps_untouched_tensors_and_gives_peft_logits(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.merge import load_tokenizer
+    from tasks.loaders import load_tokenizer
 
     adapters = [demo_sources.sql_adapter, demo_sources.spell_adapter]
     out = merge_adapters(demo_sources.base, adapters, tmp_path / "m")

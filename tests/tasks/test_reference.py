@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from demo.make_sources import DemoSources
-from tasks.merge import load_tokenizer
+from tasks.loaders import load_tokenizer
 from tasks.reference import PeftReference, StreamedReference, load_reference, streamed_needs
+from tasks.report import DEFAULT_PROMPTS, load_prompts
 from tasks.stream_merge import plan_stream_merge
-from tasks.validate import DEFAULT_PROMPTS, load_prompts
 from tests.tasks.makers import random_adapter, resaved
 
 TOLERANCE = 1e-5  # issue 17: the streamed reference's logits within this of the whole-model reference's

@@ -13,19 +13,17 @@ import pytest
 from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
 from modelrepo.numerics import default_numerics
+from tasks.engine import genai_greedy, genai_pipeline
 from tasks.errors import SourceError
 from tasks.export import export_openvino
 from tasks.gate import bounds_for, margin_disagreements
-from tasks.merge import load_tokenizer, merge_adapters
+from tasks.loaders import load_tokenizer
+from tasks.merge import merge_adapters
 from tasks.reference import PeftReference
+from tasks.report import DEFAULT_PROMPTS, MAX_NEW_TOKENS, load_prompts
 from tasks.stream_merge import plan_stream_merge
 from tasks.validate import (
-    DEFAULT_PROMPTS,
-    MAX_NEW_TOKENS,
     base_choices,
-    genai_greedy,
-    genai_pipeline,
-    load_prompts,
     subtractable_scales,
     subtracted_base_answers,
     validate_ir,
