@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, NotModifiedError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, BaseError, GenericError, NotModifiedError, PreconditionError
 from obstore.store import S3Store
 
 from modelrepo.errors import RepositoryError
@@ -174,8 +174,17 @@ class ObjectStore:
         try:
             result = obstore.get(self.s3, INDEX)
         except FileNotFoundError:
-            return Snapshot(Index(), None)
+            return self._no_index()
         return Snapshot(self._parse(bytes(result.bytes())), result.meta["e_tag"])
+
+    def _no_index(self) -> Snapshot:
+        """An empty repository, once the bucket is known to exist: S3 answers 404 for a missing bucket too."""
+        try:
+            next(iter(obstore.list(self.s3, chunk_size=1)), None)
+        except BaseError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RepositoryError(f"{self.location}: the bucket cannot be listed: {first}") from None
+        return Snapshot(Index(), None)
 
     def _parse(self, data: bytes) -> Index:
         try:
@@ -188,7 +197,7 @@ class ObjectStore:
         try:
             return obstore.head(self.s3, INDEX)["e_tag"]
         except FileNotFoundError:
-            return None
+            return self._no_index().token
 
     def read_index_if_changed(self, token: str | None) -> Snapshot | None:
         """A conditional GET (If-None-Match: token): 304 costs no body."""
@@ -200,7 +209,7 @@ class ObjectStore:
         except NotModifiedError:
             return None
         except FileNotFoundError:
-            return Snapshot(Index(), None)
+            return self._no_index()
         return Snapshot(self._parse(bytes(result.bytes())), result.meta["e_tag"])
 
     def update_index(self, change: Callable[[Index], Index]) -> Index:
@@ -213,7 +222,11 @@ class ObjectStore:
             mode: Any = "create" if snap.token is None else {"e_tag": snap.token}
             try:
                 obstore.put(self.s3, INDEX, index.to_json().encode(), mode=mode, use_multipart=False)
-            except (PreconditionError, AlreadyExistsError):
+            except (PreconditionError, AlreadyExistsError, GenericError) as e:
+                # 412: the index changed since it was read. S3 may answer 409 ConditionalRequestConflict to
+                # concurrent conditional writes of one key, and asks the writer to read again and retry: the same.
+                if isinstance(e, GenericError) and " 409 " not in str(e):
+                    raise
                 self.lost_races += 1
                 if time.monotonic() > deadline:
                     raise RepositoryError(
@@ -315,11 +328,17 @@ class ObjectStore:
         return f"{self.location}/{path}"
 
     def local_copy(self, path: str, cache: Path) -> Path:
-        """Download a version into cache/PATH (once: an intact copy is reused), checked against its manifest."""
-        dest = cache / path
-        if dest.is_dir() and not verify_version(dest):
+        """Download a version into the cache (once: an intact copy of the same manifest is reused), checked."""
+        # Keyed by the repository too: two buckets may both hold base_model/1, with other weights.
+        dest = cache / hashlib.sha256(self.location.encode()).hexdigest()[:16] / path
+        cached = dest / MANIFEST
+        try:
+            remote = bytes(obstore.get(self.s3, f"{path}/{MANIFEST}").bytes())
+        except FileNotFoundError:
+            raise RepositoryError(f"{self.locate(path)} is not a complete version (no {MANIFEST})") from None
+        if cached.is_file() and cached.read_bytes() == remote and not verify_version(dest):
             return dest
-        tmp = cache / f"{path}.download-{uuid.uuid4().hex[:8]}"
+        tmp = dest.parent / f"{dest.name}.download-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             for rel in self._objects(path):

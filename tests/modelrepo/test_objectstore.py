@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -100,6 +101,9 @@ def test_publish_into_a_bucket_uploads_checks_then_commits(bucket: str, tmp_path
     # A local copy is checked against the manifest (what publish_adapter validates on).
     copy = store.local_copy("merged_model/1", tmp_path / "cache")
     assert modelrepo.verify_version(copy) == [] and (copy / "openvino_model.bin").read_text() == "weights"
+    assert store.local_copy("merged_model/1", tmp_path / "cache") == copy  # reused: same manifest, intact
+    (copy / "openvino_model.bin").write_text("damaged")
+    assert (store.local_copy("merged_model/1", tmp_path / "cache") / "openvino_model.bin").read_text() == "weights"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "modelrepo", *args, "--repository", bucket],
@@ -124,6 +128,14 @@ def test_index_changes_are_seen_cheaply_by_etag(bucket: str, tmp_path: Path) -> 
     modelrepo.publish_version(bucket, "m", "base", _ir(tmp_path / "b", "b"), {})
     changed = store.read_index_if_changed(token)
     assert changed is not None and changed.token != token and changed.index.entries["m"].version == 2
+
+
+def test_a_missing_bucket_is_an_error_not_an_empty_repository(s3_endpoint: str, tmp_path: Path) -> None:
+    missing = "s3://no-such-bucket-here/models"
+    with pytest.raises(RepositoryError, match=r"s3://no-such-bucket-here/models: the bucket cannot be listed: .*404"):
+        read_index(missing)
+    with pytest.raises(RepositoryError, match="the bucket cannot be listed"):
+        modelrepo.publish_version(missing, "m", "base", _ir(tmp_path / "ir"), {})
 
 
 def test_a_writer_that_loses_the_race_reads_again_and_keeps_both_entries(bucket: str, tmp_path: Path) -> None:
@@ -243,3 +255,22 @@ def test_retention_and_rollback_on_a_bucket(bucket: str, tmp_path: Path) -> None
         modelrepo.remove_entry(bucket, "m")
     modelrepo.remove_entry(bucket, "sql")
     assert set(read_index(bucket).entries) == {"m"}
+
+
+def test_a_publisher_whose_claim_was_swept_stops_before_its_manifest(bucket: str) -> None:
+    """The claim is refreshed with If-Match on its own ETag: once another publish swept it as dead, the owner knows."""
+    from modelrepo.objectstore import _Claim
+
+    store = ObjectStore(bucket)
+    claim = _Claim(store.s3, f"m/1/{CLAIM}", interval=0.05)
+    try:
+        claim.held()  # fresh: fine
+        obstore.delete(store.s3, claim.key)  # what a sweep does to a claim it judged stale
+        deadline = time.monotonic() + 10
+        while claim.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RepositoryError, match=r"publish abandoned: the claim m/1/\.publishing was taken away"):
+            claim.held()
+    finally:
+        claim.release()
+    assert _keys(bucket) == []  # a lost claim is not written again
