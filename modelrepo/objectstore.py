@@ -216,9 +216,15 @@ class ObjectStore:
         """Read, change, PUT If-Match the ETag read (If-None-Match: * for the first index); on 412, again."""
         deadline = time.monotonic() + self.commit_timeout
         backoff = 0.05
+        attempted: Index | None = None
         while True:
             snap = self.snapshot()
+            if attempted is not None and snap.index == attempted:
+                # Our PUT landed, its answer did not (the client retried it and met its own ETag): done, once.
+                self._write_config(attempted)
+                return attempted
             index = change(snap.index)
+            attempted = index
             mode: Any = "create" if snap.token is None else {"e_tag": snap.token}
             try:
                 obstore.put(self.s3, INDEX, index.to_json().encode(), mode=mode, use_multipart=False)
