@@ -1,7 +1,7 @@
 """The build_model flow: base model + LoRA adapters -> merged, exported, validated, published.
 
     python -m flows.build_model --source-model demo-sources/base --adapter demo-sources/adapters/sql \\
-        --model-name merged_model --repository models [--weight-format fp16 | --target-device GPU] \\
+        --model-name merged_model --repository models|s3://bucket/models [--weight-format fp16 | --target-device GPU] \\
         [--inference-precision auto|f32|bf16 --kv-cache-precision auto|u8|f32 ...]
     python -m flows.build_model --source-model demo-sources/base --model-name base_model --repository models
 
@@ -52,7 +52,7 @@ def describe_sources(base: Source, adapters: list[tuple[Source, Path]], tokenize
 def build_model(
     source_model: str,
     model_name: str,
-    repository: Path,
+    repository: str | Path,
     adapters: list[str] | None = None,
     tokenizer: str | None = None,
     weight_format: WeightFormat | None = None,
@@ -94,7 +94,7 @@ def build_model(
                 model_name,
                 live.version,
             )
-            return Published(model_name, live.version, Path(repository) / live.path, False)
+            return Published(model_name, live.version, modelrepo.open_store(repository).locate(live.path), False)
         progress.step("resolve")
 
         base_dir, *adapter_dirs = [
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         help="activation quantization group for int8/int4 weights, pinned; 0 turns it off (auto: 32)",
     )
     p.add_argument("--model-name", required=True, help="the served name")
-    p.add_argument("--repository", required=True, type=Path, help="the model repository folder")
+    p.add_argument("--repository", required=True, help="the model repository: a folder, or s3://bucket/prefix")
     p.add_argument("--prompts", type=Path, help=f"validation prompts, JSONL (default {DEFAULT_PROMPTS.name})")
     p.add_argument("--overwrite", action="store_true", help="publish even when an identical build is live")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled (.bin) weights")

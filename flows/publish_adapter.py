@@ -31,7 +31,7 @@ from tasks.validate_adapter import validate_adapter
 from tasks.workdir import default_work_dir, file_digest, fresh_unless_present, input_key, tool_versions
 
 
-def served_base(repository: Path, base: str) -> tuple[modelrepo.Entry, dict[str, Any]]:
+def served_base(repository: str | Path, base: str) -> tuple[modelrepo.Entry, dict[str, Any]]:
     """The live entry and manifest of `base`, which must be a base model (no adapters merged into it)."""
     modelrepo.check_name(base)
     live = live_build(repository, base)
@@ -49,7 +49,7 @@ def publish_adapter(
     adapter: str,
     base: str,
     name: str,
-    repository: Path,
+    repository: str | Path,
     prompts: Path | None = None,
     base_source: str | None = None,
     overwrite: bool = False,
@@ -95,16 +95,16 @@ def publish_adapter(
     )
     if not overwrite and (live := up_to_date(repository, name, key)):
         log.info("%s is up to date: version %d holds the same adapter on the same base", name, live.version)
-        return Published(name, live.version, Path(repository) / live.path, False)
+        return Published(name, live.version, modelrepo.open_store(repository).locate(live.path), False)
 
     adapter_dir = fresh_unless_present(fetch_source, snapshot_path(source))(source, allow_pickle=allow_pickle)
     base_dir = fresh_unless_present(fetch_source, snapshot_path(base_src))(base_src)
     fit = check_fit(base_dir, adapter_dir, allow_pickle=allow_pickle)
     log.info("%s fits %s: rank %d, scale %g (lora_alpha %g / r)", adapter, base, fit.rank, fit.scale, fit.lora_alpha)
     staged = stage(adapter_dir, work / f"adapter-{input_key(source.revision)}", allow_pickle=allow_pickle)
-    report = validate_adapter(
-        repository / entry.path, base_dir, staged, fit.scale, prompts, weight_format, numerics, name
-    )
+    # The base's IR, local: the version itself in a folder, a checked copy from an object store.
+    base_ir = modelrepo.open_store(repository).local_copy(entry.path, work / "repository-cache")
+    report = validate_adapter(base_ir, base_dir, staged, fit.scale, prompts, weight_format, numerics, name)
     manifest = make_manifest(
         key=key,
         sources={
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="LoRA adapter: hub id[@revision] or local folder")
     p.add_argument("--base", required=True, help="the served base model it applies to")
     p.add_argument("--name", required=True, help="the adapter's served name")
-    p.add_argument("--repository", required=True, type=Path)
+    p.add_argument("--repository", required=True, help="the model repository: a folder, or s3://bucket/prefix")
     p.add_argument("--prompts", type=Path, help=f"validation prompts, JSONL (default {DEFAULT_PROMPTS.name})")
     p.add_argument("--base-source", help="the base's torch weights, when its manifest records none")
     p.add_argument("--overwrite", action="store_true", help="publish even when the same adapter is live")

@@ -8,6 +8,8 @@ Layout (the contract in full: README, "The model repository")::
     REPO/.lock                   the lock every writer of index.json holds
     REPO/NAME/VERSION/           an immutable version folder, with manifest.json
     REPO/NAME/.staging-*/        a version being written; never live, swept on the next publish
+
+REPO is a folder or s3://bucket/prefix; `modelrepo.store` says what the commit point is on each.
 """
 
 from modelrepo.errors import RepositoryError
@@ -15,6 +17,7 @@ from modelrepo.index import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Entry, Index, read_
 from modelrepo.manifest import MANIFEST, hash_files, read_manifest, verify_version
 from modelrepo.names import check_name
 from modelrepo.publish import commit_entry, publish_version, remove_entry, rollback
+from modelrepo.store import Snapshot, Store, is_object_store, open_store
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -23,9 +26,13 @@ __all__ = [
     "Entry",
     "Index",
     "RepositoryError",
+    "Snapshot",
+    "Store",
     "check_name",
     "commit_entry",
     "hash_files",
+    "is_object_store",
+    "open_store",
     "publish_version",
     "read_index",
     "read_manifest",

@@ -4,46 +4,46 @@
     python -m modelrepo rollback --repository models --model merged_model [--version 2]
     python -m modelrepo remove --repository models --model sql_adapter
     python -m modelrepo verify --repository models [--model merged_model]
+    python -m modelrepo list --repository s3://bucket/models   (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., AWS_PROFILE)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from modelrepo import RepositoryError, read_index, remove_entry, rollback, verify_version
-from modelrepo.publish import versions
+from modelrepo import RepositoryError, open_store, remove_entry, rollback
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelrepo", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["list", "rollback", "remove", "verify"])
-    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--repository", required=True, help="a folder, or s3://bucket/prefix")
     parser.add_argument("--model", help="the served name (rollback, remove, verify)")
     parser.add_argument("--version", type=int, help="rollback target (default: the previous version)")
     args = parser.parse_args(argv)
     try:
         if args.command in ("rollback", "remove") and not args.model:
             parser.error(f"{args.command} needs --model")
+        store = open_store(args.repository)
         if args.command == "rollback":
-            e = rollback(args.repository, args.model, args.version)
+            e = rollback(store, args.model, args.version)
             print(f"{e.name} now serves version {e.version}")
         elif args.command == "remove":
-            remove_entry(args.repository, args.model)
+            remove_entry(store, args.model)
             print(f"{args.model} is no longer served")
         else:
-            index = read_index(args.repository)
+            index = store.snapshot().index
             bad = 0
             for e in index.entries.values():
                 if args.model and e.name != args.model:
                     continue
                 if args.command == "list":
                     extra = f" on {e.base} (alpha {e.alpha:g})" if e.kind == "adapter" else ""
-                    kept = versions(args.repository, e.name)
+                    kept = store.versions(e.name)
                     print(f"{e.name}\t{e.kind}{extra}\tlive {e.version}\tkept {kept}\t{e.published_at}")
                 else:
-                    problems = verify_version(args.repository / e.path)
+                    problems = store.verify_version(e.path)
                     bad += bool(problems)
                     print(f"{e.path}: {'ok' if not problems else '; '.join(problems)}")
             return 1 if bad else 0

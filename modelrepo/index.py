@@ -107,7 +107,14 @@ class Index:
 
 
 def read_index(repository: str | os.PathLike[str]) -> Index:
-    """Read the live index; an absent index is an empty repository. A broken one raises."""
+    """Read the live index; an absent index is an empty repository. A broken one raises.
+
+    `repository` is a folder or s3://bucket/prefix (modelrepo.store).
+    """
+    if isinstance(repository, str) and "://" in repository:
+        from modelrepo.store import open_store
+
+        return open_store(repository).snapshot().index
     path = Path(repository) / INDEX
     try:
         text = path.read_text(encoding="utf-8")

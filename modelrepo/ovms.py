@@ -52,17 +52,25 @@ node: {{
 """
 
 
-def write_graph(folder: Path, device: str, numerics: Numerics | None = None) -> None:
+def graph_text(device: str, numerics: Numerics | None = None) -> str:
     """graph.pbtxt; its plugin_config carries the version's pinned numerics, so OVMS computes as validated."""
     config = json.dumps(numerics.plugin_config() if numerics else {})
-    (folder / GRAPH).write_text(_GRAPH_TEMPLATE.format(device=device, plugin_config=config), encoding="utf-8")
+    return _GRAPH_TEMPLATE.format(device=device, plugin_config=config)
 
 
-def write_config(repository: Path, index: Index) -> None:
+def write_graph(folder: Path, device: str, numerics: Numerics | None = None) -> None:
+    (folder / GRAPH).write_text(graph_text(device, numerics), encoding="utf-8")
+
+
+def config_text(index: Index) -> str:
     """config.json lists the live merged and base models; OVMS has no runtime adapters to list."""
     models = [
         {"config": {"name": e.name, "base_path": e.path}}
         for e in sorted(index.entries.values(), key=lambda e: e.name)
         if e.kind != "adapter"
     ]
-    write_atomic(repository / CONFIG, json.dumps({"model_config_list": models}, indent=2) + "\n")
+    return json.dumps({"model_config_list": models}, indent=2) + "\n"
+
+
+def write_config(repository: Path, index: Index) -> None:
+    write_atomic(repository / CONFIG, config_text(index))

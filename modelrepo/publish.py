@@ -1,4 +1,9 @@
-"""Writing the repository: immutable version folders, then the index, atomically, under a lock."""
+"""Writing the repository: immutable versions, then the index, atomically; the local-folder store.
+
+The public functions take a repository string (a folder, or s3://bucket/prefix: `modelrepo.store`)
+and do the same on both. LocalStore keeps a folder's exact behaviour: staging folder, fsync,
+rename, and an flock on REPO/.lock around every index change.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,18 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from modelrepo.errors import RepositoryError
 from modelrepo.index import INDEX, Entry, Index, Kind, fsync_dir, read_index, write_atomic
-from modelrepo.manifest import MANIFEST, hash_files
+from modelrepo.manifest import MANIFEST, hash_files, read_manifest, verify_version
 from modelrepo.names import check_name
 from modelrepo.numerics import pinned
 from modelrepo.ovms import write_config, write_graph
+from modelrepo.store import NewVersion, Snapshot, Store, open_store
 
 LOCK = ".lock"
 STAGING = ".staging-"
@@ -62,7 +68,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def publish_version(
-    repository: str | os.PathLike[str],
+    repository: str | os.PathLike[str] | Store,
     name: str,
     kind: Kind,
     source: str | os.PathLike[str],
@@ -75,52 +81,119 @@ def publish_version(
 ) -> Entry:
     """Copy `source` into a new version of `name`, make it live, and return its index entry.
 
-    The version folder is complete and fsynced before the index names it; a publish killed at any
-    point leaves the index on the previous version. `retention` versions are kept, plus any the
-    index names.
+    The version is complete (and fsynced, or uploaded and read back) before the index names it; a
+    publish killed at any point leaves the index on the previous version. `retention` versions are
+    kept, plus any the index names.
     """
-    repo = Path(repository)
     check_name(name)
     if retention < 1:
         raise RepositoryError(f"retention must be at least 1, got {retention}")
     if base is not None:
         check_name(base)
-    staging = repo / name / f"{STAGING}{uuid.uuid4().hex}"
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copytree(source, staging)
-        if kind != "adapter":
-            write_graph(staging, device, pinned(manifest))
-        files = hash_files(staging)
-        with locked(repo):
-            index = read_index(repo)
-            if kind == "adapter" and (base not in index.entries or index.entries[base].kind == "adapter"):
-                raise RepositoryError(f"adapter {name!r}: base {base!r} is not a served model in {repo}")
-            current = index.entries.get(name)
-            if current is not None and current.kind != kind:
-                raise RepositoryError(f"{name!r} is served as a {current.kind} model, not a {kind} one")
-            version = max(versions(repo, name), default=0) + 1
-            entry = Entry(
-                name=name,
-                kind=kind,
-                version=version,
-                base=base,
-                alpha=alpha,
-                published_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            ).check()
-            body = {**manifest, "name": name, "kind": kind, "version": version, "files": files}
-            if kind == "adapter":
-                body |= {"base": base, "alpha": alpha}
-            (staging / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-            _fsync_tree(staging)
-            os.rename(staging, repo / name / str(version))
-            fsync_dir(repo / name)
-            _commit(repo, index.with_entry(entry))
-            _sweep(repo, name, read_index(repo), retention)
-        return entry
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return open_store(repository).publish(
+        NewVersion(name, kind, Path(source), manifest, base, alpha, device, retention)
+    )
+
+
+def fits(index: Index, version: NewVersion, location: str) -> None:
+    """Raise unless `version` may be published on `index`: an adapter's base is served, a name keeps its kind."""
+    name, kind, base = version.name, version.kind, version.base
+    if kind == "adapter" and (base not in index.entries or index.entries[base].kind == "adapter"):
+        raise RepositoryError(f"adapter {name!r}: base {base!r} is not a served model in {location}")
+    current = index.entries.get(name)
+    if current is not None and current.kind != kind:
+        raise RepositoryError(f"{name!r} is served as a {current.kind} model, not a {kind} one")
+
+
+def new_entry(version: NewVersion, number: int) -> Entry:
+    return Entry(
+        name=version.name,
+        kind=version.kind,
+        version=number,
+        base=version.base,
+        alpha=version.alpha,
+        published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    ).check()
+
+
+def manifest_body(version: NewVersion, number: int, files: dict[str, str]) -> dict[str, Any]:
+    body = {**version.manifest, "name": version.name, "kind": version.kind, "version": number, "files": files}
+    if version.kind == "adapter":
+        body |= {"base": version.base, "alpha": version.alpha}
+    return body
+
+
+class LocalStore:
+    """A repository in a local (or shared POSIX) folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = str(root)
+
+    def snapshot(self) -> Snapshot:
+        token = self.index_token()
+        return Snapshot(read_index(self.root), token)
+
+    def index_token(self) -> str | None:
+        """index.json's inode, size and mtime: every commit renames a new file into place."""
+        try:
+            st = os.stat(self.root / INDEX)
+        except FileNotFoundError:
+            return None
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def read_index_if_changed(self, token: str | None) -> Snapshot | None:
+        return None if self.index_token() == token else self.snapshot()
+
+    def update_index(self, change: Callable[[Index], Index]) -> Index:
+        with locked(self.root):
+            index = change(read_index(self.root))
+            _commit(self.root, index)
+        return index
+
+    def versions(self, name: str) -> list[int]:
+        return versions(self.root, name)
+
+    def has_version(self, path: str) -> bool:
+        return (self.root / path / MANIFEST).is_file()
+
+    def read_manifest(self, path: str) -> dict[str, Any]:
+        return read_manifest(self.root / path)
+
+    def verify_version(self, path: str) -> list[str]:
+        return verify_version(self.root / path)
+
+    def locate(self, path: str) -> Path:
+        return self.root / path
+
+    def local_copy(self, path: str, cache: Path) -> Path:
+        return self.root / path
+
+    def publish(self, version: NewVersion) -> Entry:
+        repo, name, kind = self.root, version.name, version.kind
+        staging = repo / name / f"{STAGING}{uuid.uuid4().hex}"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(version.source, staging)
+            if kind != "adapter":
+                write_graph(staging, version.device, pinned(version.manifest))
+            files = hash_files(staging)
+            with locked(repo):
+                index = read_index(repo)
+                fits(index, version, str(repo))
+                number = max(versions(repo, name), default=0) + 1
+                entry = new_entry(version, number)
+                body = manifest_body(version, number, files)
+                (staging / MANIFEST).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+                _fsync_tree(staging)
+                os.rename(staging, repo / name / str(number))
+                fsync_dir(repo / name)
+                _commit(repo, index.with_entry(entry))
+                _sweep(repo, name, read_index(repo), version.retention)
+            return entry
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def _sweep(repo: Path, name: str, index: Index, retention: int) -> None:
@@ -135,55 +208,69 @@ def _sweep(repo: Path, name: str, index: Index, retention: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def commit_entry(repository: str | os.PathLike[str], entry: Entry) -> Entry:
-    """Point the index at an existing, complete version folder (the rollback primitive)."""
-    repo = Path(repository)
+def commit_entry(repository: str | os.PathLike[str] | Store, entry: Entry) -> Entry:
+    """Point the index at an existing, complete version (the rollback primitive)."""
+    store = open_store(repository)
     entry.check()
-    with locked(repo):
-        if not (repo / entry.path / MANIFEST).is_file():
-            raise RepositoryError(f"{entry.path} is not a complete version folder in {repo}")
-        _commit(repo, read_index(repo).with_entry(entry))
+
+    def change(index: Index) -> Index:
+        if not store.has_version(entry.path):
+            raise RepositoryError(f"{entry.path} is not a complete version folder in {store.location}")
+        return index.with_entry(entry)
+
+    store.update_index(change)
     return entry
 
 
-def rollback(repository: str | os.PathLike[str], name: str, version: int | None = None) -> Entry:
+def rollback(repository: str | os.PathLike[str] | Store, name: str, version: int | None = None) -> Entry:
     """Make an older version of `name` live again: `version`, or the newest one before the live one."""
-    repo = Path(repository)
-    with locked(repo):
-        index = read_index(repo)
+    store = open_store(repository)
+    chosen: list[Entry] = []
+
+    def change(index: Index) -> Index:
         current = index.entries.get(check_name(name))
         if current is None:
-            raise RepositoryError(f"{name!r} is not served in {repo}; served: {sorted(index.entries) or 'none'}")
-        kept = versions(repo, name)
-        if version is None:
+            raise RepositoryError(
+                f"{name!r} is not served in {store.location}; served: {sorted(index.entries) or 'none'}"
+            )
+        kept = store.versions(name)
+        target = version
+        if target is None:
             older = [v for v in kept if v < current.version]
             if not older:
                 raise RepositoryError(f"{name!r} has no version older than {current.version} left; kept: {kept}")
-            version = older[-1]
-        if version not in kept:
-            raise RepositoryError(f"{name!r} has no version {version}; kept: {kept}")
+            target = older[-1]
+        if target not in kept:
+            raise RepositoryError(f"{name!r} has no version {target}; kept: {kept}")
         entry = Entry(
             name=name,
             kind=current.kind,
-            version=version,
+            version=target,
             base=current.base,
             alpha=current.alpha,
             published_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        if not (repo / entry.path / MANIFEST).is_file():
-            raise RepositoryError(f"{entry.path} is not a complete version folder in {repo}")
-        _commit(repo, index.with_entry(entry))
-    return entry
+        if not store.has_version(entry.path):
+            raise RepositoryError(f"{entry.path} is not a complete version folder in {store.location}")
+        chosen[:] = [entry]
+        return index.with_entry(entry)
+
+    store.update_index(change)
+    return chosen[0]
 
 
-def remove_entry(repository: str | os.PathLike[str], name: str) -> None:
+def remove_entry(repository: str | os.PathLike[str] | Store, name: str) -> None:
     """Stop serving `name` (its folders stay until swept); a base with adapters on it is refused."""
-    repo = Path(repository)
-    with locked(repo):
-        index = read_index(repo)
+    store = open_store(repository)
+
+    def change(index: Index) -> Index:
         if name not in index.entries:
-            raise RepositoryError(f"{name!r} is not served in {repo}; served: {sorted(index.entries) or 'none'}")
+            raise RepositoryError(
+                f"{name!r} is not served in {store.location}; served: {sorted(index.entries) or 'none'}"
+            )
         users = sorted(e.name for e in index.entries.values() if e.base == name)
         if users:
             raise RepositoryError(f"{name!r} is the base of adapters {users}: remove them first")
-        _commit(repo, index.without(name))
+        return index.without(name)
+
+    store.update_index(change)

@@ -26,18 +26,19 @@ def build_key(sources: list[dict[str, Any]], weight_format: str, target_device: 
     return input_key(sources, weight_format, target_device, tools)
 
 
-def live_build(repository: Path, name: str) -> tuple[modelrepo.Entry, dict[str, Any]] | None:
+def live_build(repository: str | Path, name: str) -> tuple[modelrepo.Entry, dict[str, Any]] | None:
     """The live entry of `name` and its manifest, or None when `name` is not served."""
-    entry = modelrepo.read_index(repository).entries.get(name)
+    store = modelrepo.open_store(repository)
+    entry = store.snapshot().index.entries.get(name)
     if entry is None:
         return None
     try:
-        return entry, modelrepo.read_manifest(repository / entry.path)
+        return entry, store.read_manifest(entry.path)
     except modelrepo.RepositoryError:
         return None
 
 
-def up_to_date(repository: Path, name: str, key: str) -> modelrepo.Entry | None:
+def up_to_date(repository: str | Path, name: str, key: str) -> modelrepo.Entry | None:
     """The live entry of `name` if it was built from exactly this build key, else None."""
     live = live_build(repository, name)
     if live is None or live[1].get("build", {}).get("key") != key:
@@ -49,7 +50,7 @@ def up_to_date(repository: Path, name: str, key: str) -> modelrepo.Entry | None:
 class Published:
     name: str
     version: int
-    path: Path
+    path: Path | str  # the version folder, or its s3:// URL
     published: bool  # False: an identical build was already live (and --overwrite was not given)
 
     def __str__(self) -> str:
@@ -83,7 +84,7 @@ def make_manifest(
 
 
 def publish_model(
-    repository: Path,
+    repository: str | Path,
     name: str,
     kind: modelrepo.index.Kind,
     folder: Path,
@@ -108,11 +109,11 @@ def publish_model(
             repository, name, kind, staged, manifest, base=base, alpha=alpha, device=target_device, retention=retention
         )
     log.info("%s version %d is live in %s", name, entry.version, repository)
-    return Published(name, entry.version, Path(repository) / entry.path, True)
+    return Published(name, entry.version, modelrepo.open_store(repository).locate(entry.path), True)
 
 
 def publish_step(
-    repository: Path,
+    repository: str | Path,
     name: str,
     kind: modelrepo.index.Kind,
     folder: Path,
@@ -126,8 +127,9 @@ def publish_step(
     published = publish_model(repository, name, kind, folder, manifest, **options)
     validation = manifest.get("validation", {})
     key = "published-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+    where = published.path
     create_link_artifact(
-        published.path.resolve().as_uri(),
+        where.resolve().as_uri() if isinstance(where, Path) else where,
         link_text=f"{name} version {published.version}",
         key=key + "-folder",
         description=f"the version folder of {name} now live",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +77,51 @@ def prefect_server() -> Iterator[None]:
 @pytest.fixture
 def scratch(tmp_path: Path) -> Path:
     return tmp_path
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto, tests/s3server.py) on loopback, and the AWS_* environment naming it.
+
+    The environment is the usual one (AWS_ENDPOINT_URL, keys, region), so the code under test and
+    the processes it starts find the server as a user's would find theirs.
+    """
+    root = Path(__file__).parents[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.s3server"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        line = server.stdout.readline() if server.stdout else ""
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the S3 server did not start: {line!r}")
+        endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
+        saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+        os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": endpoint})
+        try:
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the test S3 server; returns the repository URL s3://BUCKET/models."""
+    import boto3
+
+    name = f"repo-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}/models"
