@@ -19,7 +19,7 @@ from litestar.openapi import OpenAPIConfig
 
 from serving import health, openapi
 from serving.auth import api_key_guard
-from serving.controllers import ConfigController, OpenAIController
+from serving.controllers import ConfigController, OpenAIController, Responder
 from serving.engine import Engine, load_engine
 from serving.engine_core import EngineSettings
 from serving.error_handlers import EXCEPTION_HANDLERS
@@ -45,8 +45,8 @@ def _provide_metrics(state: State) -> Metrics:
     return state.metrics
 
 
-def _provide_service(state: State) -> Service:
-    return state.service
+def _provide_responder(state: State) -> Responder:
+    return state.responder
 
 
 def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engine) -> Litestar:
@@ -62,7 +62,7 @@ def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engin
         metrics.watch(registry)
         app.state.registry = registry
         app.state.metrics = metrics  # the error handlers read it here: they take no dependencies
-        app.state.service = Service(registry, metrics)
+        app.state.responder = Responder(Service(registry, metrics), metrics)
         await registry.open()
         try:
             yield
@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engin
         dependencies={
             "registry": Provide(_provide_registry, sync_to_thread=False),
             "metrics": Provide(_provide_metrics, sync_to_thread=False),
-            "service": Provide(_provide_service, sync_to_thread=False),
+            "respond": Provide(_provide_responder, sync_to_thread=False),
         },
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,

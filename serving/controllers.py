@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -33,18 +34,25 @@ ERRORS = {
 }
 
 
-async def _respond(
-    req: p.CompletionRequest | p.ChatCompletionRequest, service: Service, metrics: Metrics, request: Request
-) -> Any:  # the request's response type, or its events
-    """The answer, or with `stream` its server-sent events (the OpenAPI schema documents both: serving/openapi.py)."""
-    request.state.model = req.model
-    req.check()
-    if req.stream:
-        chunks, cancel = await service.stream(req)
-        lines = data_lines(chunks, on_error=lambda e: count_error(metrics, req.model, e))
-        return EventStream(lines, on_close=cancel)
-    # Watched once submitted: a client gone earlier is noticed then, and its requests are cancelled in the engine.
-    return await unless_disconnected(request, await service.answer(req))
+@dataclass(frozen=True)
+class Responder:
+    """What the completion handlers share: the answer, or with `stream` its server-sent events.
+
+    (Both documented in the OpenAPI schema: serving/openapi.py.)
+    """
+
+    service: Service
+    metrics: Metrics  # a stream's error frame is counted here
+
+    async def __call__(self, req: p.CompletionRequest | p.ChatCompletionRequest, request: Request) -> Any:
+        request.state.model = req.model
+        req.check()
+        if req.stream:
+            chunks, cancel = await self.service.stream(req)
+            lines = data_lines(chunks, on_error=lambda e: count_error(self.metrics, req.model, e))
+            return EventStream(lines, on_close=cancel)
+        # Watched once submitted: a client gone earlier is noticed then, and its requests are cancelled in the engine.
+        return await unless_disconnected(request, await self.service.answer(req))
 
 
 class OpenAIController(Controller):
@@ -52,23 +60,15 @@ class OpenAIController(Controller):
 
     @post("/completions", status_code=200, responses=ERRORS)
     async def completions(
-        self,
-        data: JSONBody[p.CompletionRequest],
-        service: NamedDependency[Service],
-        metrics: NamedDependency[Metrics],
-        request: Request,
+        self, data: JSONBody[p.CompletionRequest], respond: NamedDependency[Responder], request: Request
     ) -> p.Completion | EventStream:
-        return await _respond(data, service, metrics, request)
+        return await respond(data, request)
 
     @post("/chat/completions", status_code=200, responses=ERRORS)
     async def chat_completions(
-        self,
-        data: JSONBody[p.ChatCompletionRequest],
-        service: NamedDependency[Service],
-        metrics: NamedDependency[Metrics],
-        request: Request,
+        self, data: JSONBody[p.ChatCompletionRequest], respond: NamedDependency[Responder], request: Request
     ) -> p.ChatCompletion | EventStream:
-        return await _respond(data, service, metrics, request)
+        return await respond(data, request)
 
     @get("/models", responses=ERRORS)
     async def models(self, registry: NamedDependency[Registry]) -> p.ModelList:
