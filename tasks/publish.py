@@ -21,9 +21,10 @@ from tasks.workdir import input_key
 REPORT = "validation.md"  # the validation report, beside the manifest in every version
 
 
-def build_key(sources: list[dict[str, Any]], weight_format: str, target_device: str, tools: dict[str, str]) -> str:
-    """What makes two builds the same: the exact sources, the format, the device and the tools."""
-    return input_key(sources, weight_format, target_device, tools)
+def build_key(inputs: list[Any], weight_format: str, target_device: str, tools: dict[str, str]) -> str:
+    """What makes two builds the same: the exact inputs (pinned sources, the prompt set's digest, the
+    numerics; any JSON-able values), the format, the device and the tools."""
+    return input_key(inputs, weight_format, target_device, tools)
 
 
 def live_build(repository: str | Path, name: str) -> tuple[modelrepo.Entry, dict[str, Any]] | None:
