@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,11 +84,9 @@ def build_model(
     flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     steps = ["resolve", "fetch", "merge", "export", "validate", "publish"]
     with Progress(f"build {model_name}", steps, key=f"build-stages-{model_name}") as progress:
-        base = resolve_source(source_model, "base", **flags)
-        adapter_sources = [resolve_source(a, "adapter", **flags) for a in adapters]
-        tok = resolve_source(tokenizer, "tokenizer", **flags) if tokenizer else None
-        pinned = [base.revision, [a.revision for a in adapter_sources], tok.revision if tok else None, flags]
-        key = build_key([*pinned, file_digest(prompts), numerics.to_json()], fmt, target_device, tool_versions())
+        sources = _resolve(source_model, adapters, tokenizer, flags)
+        inputs = [*sources.pinned, file_digest(prompts), numerics.to_json()]
+        key = build_key(inputs, fmt, target_device, tool_versions())
         if not overwrite and (live := up_to_date(repository, model_name, key)):
             log.info(
                 "%s is up to date: version %d was built from the same inputs (--overwrite publishes anyway)",
@@ -96,41 +95,35 @@ def build_model(
             )
             return Published(model_name, live.version, modelrepo.open_store(repository).locate(live.path), False)
         progress.step("resolve")
-
-        base_dir, *adapter_dirs = [
-            fresh_unless_present(fetch_source, snapshot_path(s))(s, **flags) for s in [base, *adapter_sources]
-        ]
-        tok_dir = fresh_unless_present(fetch_source, snapshot_path(tok))(tok, **flags) if tok else None
+        fetched = _fetch(sources)
         progress.step("fetch")
-        model_dir = base_dir
-        if adapter_dirs or tok_dir:
-            merged = MERGE.folder(work, *pinned)
-            model_dir = fresh_unless_present(merge, merged)(base_dir, adapter_dirs, merged, tok_dir, **flags)
+        model_dir = _merge(work, sources, fetched)
         progress.step("merge")
         size = weights_size(model_dir)
         what = f"exporting {model_name} ({size.parameters / 1e9:.2f} B parameters) to {fmt}"
         require_memory(what, export_needs(size, fmt), progress.meter)
         # The merged folder's name holds the merge's key: a model merged anew is exported anew.
-        ir_dir = EXPORT.folder(work, *pinned, fmt, model_dir.name)
+        ir_dir = EXPORT.folder(work, *sources.pinned, fmt, model_dir.name)
         ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
         progress.step("export")
-        needs = validate_needs(size, fmt, reference_needs(base_dir, size))
+        needs = validate_needs(size, fmt, reference_needs(fetched.base, size))
         require_memory(f"validating {model_name} against its f32 reference", needs, progress.meter)
         report = validate(
             ir.folder,
-            base_dir,
-            adapter_dirs,
+            fetched.base,
+            fetched.adapters,
             prompts,
             ir.weight_format,
             numerics,
             model_name,
-            tok_dir,
+            fetched.tokenizer,
             trust_remote_code=trust_remote_code,
         )
         progress.step("validate")
         manifest = make_manifest(
             key=key,
-            sources=describe_sources(base, list(zip(adapter_sources, adapter_dirs, strict=True)), tok),
+            sources=describe_sources(sources.base, list(zip(sources.adapters, fetched.adapters, strict=True)),
+                                     sources.tokenizer),
             weight_format=ir.weight_format,
             numerics=numerics,
             constant_types=ir.constant_types,
@@ -139,7 +132,7 @@ def build_model(
             validation=report.summary(),
             flow_run=flow_run.get_id(),
         ) | {"stages": progress.meter.summary()}
-        kind = "merged" if adapter_dirs else "base"
+        kind = "merged" if fetched.adapters else "base"
         published = publish(
             repository,
             model_name,
@@ -152,6 +145,58 @@ def build_model(
         )
         progress.step("publish")
         return published
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """The build's sources, resolved to exact revisions, and the flags they are read with."""
+
+    base: Source
+    adapters: list[Source]
+    tokenizer: Source | None
+    flags: dict[str, bool]
+
+    @property
+    def pinned(self) -> list[Any]:
+        """What identifies them: the revisions and the flags (the steps' folders and the build key start here)."""
+        tok = self.tokenizer.revision if self.tokenizer else None
+        return [self.base.revision, [a.revision for a in self.adapters], tok, self.flags]
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    base: Path
+    adapters: list[Path]
+    tokenizer: Path | None
+
+
+def _resolve(source_model: str, adapters: list[str], tokenizer: str | None, flags: dict[str, bool]) -> _Sources:
+    return _Sources(
+        resolve_source(source_model, "base", **flags),
+        [resolve_source(a, "adapter", **flags) for a in adapters],
+        resolve_source(tokenizer, "tokenizer", **flags) if tokenizer else None,
+        flags,
+    )
+
+
+def _fetch(sources: _Sources) -> _Fetched:
+    """Each source in a local folder; one already fetched is not fetched again."""
+    base, *adapters = [
+        fresh_unless_present(fetch_source, snapshot_path(s))(s, **sources.flags)
+        for s in [sources.base, *sources.adapters]
+    ]
+    tok = sources.tokenizer
+    tok_dir = fresh_unless_present(fetch_source, snapshot_path(tok))(tok, **sources.flags) if tok else None
+    return _Fetched(base, adapters, tok_dir)
+
+
+def _merge(work: Path, sources: _Sources, fetched: _Fetched) -> Path:
+    """The model to export: the base with the adapters merged in order (and the tokenizer given), or the base."""
+    if not (fetched.adapters or fetched.tokenizer):
+        return fetched.base
+    merged = MERGE.folder(work, *sources.pinned)
+    merging = fresh_unless_present(merge, merged)
+    return merging(fetched.base, fetched.adapters, merged, fetched.tokenizer, **sources.flags)
 
 
 def main(argv: list[str] | None = None) -> int:
