@@ -182,6 +182,15 @@ class Engine:
         with contextlib.suppress(OSError):
             self._send(("retire",))
 
+    def yield_cpu(self, yielding: bool = True) -> None:
+        """Run the engine process's threads at a lower priority (nice +10), or back at the server's own.
+
+        Best effort: going back needs the privilege to raise a priority (root, or CAP_SYS_NICE) where
+        RLIMIT_NICE does not allow it; without it the engine stays behind, which only matters to it
+        while another process wants the CPU.
+        """
+        _renice(self._process.pid, YIELD_NICENESS if yielding else os.getpriority(os.PRIO_PROCESS, 0))
+
     def close(self, timeout: float = 30.0) -> None:
         """Cancel what runs and stop the engine process (server shutdown)."""
         with self._lock:
@@ -250,6 +259,20 @@ class Engine:
         for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                 loop.call_soon_threadsafe(_put_events, batch)
+
+
+YIELD_NICENESS = 10  # an engine being replaced, while its replacement builds (Engine.yield_cpu)
+
+
+def _renice(pid: int, niceness: int) -> None:
+    """Set every thread of `pid` to `niceness` (Linux: a niceness belongs to a thread, not to its process)."""
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:  # not Linux, or the process is gone
+        return
+    for tid in threads:
+        with contextlib.suppress(OSError):  # a thread gone, or no privilege to raise a priority
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
 
 
 # One engine process started ahead, its imports done, waiting for its model: a load (a hot reload

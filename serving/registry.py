@@ -212,7 +212,7 @@ class Registry:
         before_engine = previous.engine if previous else None
         served_before = {(r.name, r.entry.version) for r in old.values() if r.adapter and r.engine is before_engine}
         try:
-            engine = await self._engine(model, chosen)
+            engine = await self._engine(model, chosen, replacing=before_engine)
         except Exception as e:
             if await verifying:  # a file of the model is not what its manifest says: the caller reports that
                 return self._keep(previous, old)
@@ -227,7 +227,7 @@ class Registry:
                     self._fail(a, f"load failed on {model.name} v{model.version}: {e}")
             chosen = safe
             try:
-                engine = await self._engine(model, chosen)
+                engine = await self._engine(model, chosen, replacing=before_engine)
             except Exception as e2:
                 self._fail(model, f"load failed: {e2}")
                 return self._keep(previous, old)
@@ -237,8 +237,13 @@ class Registry:
             routes[a.name] = Route(a, engine, adapter=a.name)
         return routes
 
-    async def _engine(self, model: Entry, adapters: list[Entry]) -> Engine:
-        """The engine for a model version and adapter set: the loaded one, or a new one built in a thread."""
+    async def _engine(self, model: Entry, adapters: list[Entry], replacing: Engine | None = None) -> Engine:
+        """The engine for a model version and adapter set: the loaded one, or a new one built in a thread.
+
+        While a new one builds, the engine it will replace runs at a lower CPU priority: on a machine
+        with no core to spare, the build then runs at nearly its idle speed, and the old engine's
+        requests still finish (it is retired after the swap; a failed build gives it its priority back).
+        """
         key: EngineKey = (model.path, tuple((a.name, a.version, float(a.alpha or 1.0)) for a in adapters))
         engine = self._engines.get(key)
         if engine is None:
@@ -246,9 +251,16 @@ class Registry:
                 AdapterSpec(a.name, self.repository / a.path / ADAPTER_WEIGHTS, float(a.alpha or 1.0)) for a in adapters
             ]
             started = time.monotonic()
-            engine = await asyncio.to_thread(
-                self.loader, model.name, model.version, self.repository / model.path, specs, self.settings
-            )
+            if replacing is not None:
+                replacing.yield_cpu()
+            try:
+                engine = await asyncio.to_thread(
+                    self.loader, model.name, model.version, self.repository / model.path, specs, self.settings
+                )
+            except BaseException:
+                if replacing is not None:
+                    replacing.yield_cpu(False)
+                raise
             log.info(
                 "loaded %s v%s with adapters %s in %.1f s",
                 model.name, model.version, [a.name for a in adapters] or "none", time.monotonic() - started,

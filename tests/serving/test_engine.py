@@ -16,7 +16,7 @@ import pytest
 import modelrepo
 from demo.data import REFERENCE_PROMPT
 from modelrepo.mapped import mapped_ranges, resident_bytes
-from serving.engine import Engine, Request
+from serving.engine import YIELD_NICENESS, Engine, Request
 from serving.engine_core import (
     AdapterSpec,
     Delta,
@@ -266,3 +266,24 @@ def test_a_load_takes_the_spare_engine_process_and_starts_the_next_one(demo_repo
     waiting = engine_module._spare[0]
     engine_module.close_spare()
     assert waiting.poll() is not None, "the spare engine process did not exit with its socket"
+
+
+def test_an_engine_being_replaced_yields_the_cpu_and_takes_it_back(demo_repository: DemoRepository) -> None:
+    repo = demo_repository.root
+    base = modelrepo.read_index(repo).entries["base_model"]
+    engine = Engine("base_model", base.version, repo / base.path, [], EngineSettings())
+
+    def niceness() -> set[int]:
+        tids = os.listdir(f"/proc/{engine._process.pid}/task")
+        return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids}
+
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert niceness() == {own}
+        engine.yield_cpu()
+        assert niceness() == {YIELD_NICENESS}, "a thread of the engine process kept its priority"
+        engine.yield_cpu(False)
+        if os.geteuid() == 0:  # raising a priority back needs the privilege
+            assert niceness() == {own}
+    finally:
+        engine.close()

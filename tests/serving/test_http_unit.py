@@ -63,6 +63,9 @@ class FakeEngine:
     def retire(self) -> None:
         self.released = True
 
+    def yield_cpu(self, yielding: bool = True) -> None:
+        pass
+
     def close(self) -> None:
         self.released = True
 
