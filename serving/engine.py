@@ -95,6 +95,7 @@ class Engine:
         self._retired = False
         self._dead = False
         self.steps = self.switches = self.cancelled = self.running = 0
+        self.yielded = False  # runs at a lower priority while a replacement builds (yield_cpu)
         self._process, self._conn = _take_process()
         try:
             level = logging.getLogger().getEffectiveLevel()
@@ -183,13 +184,15 @@ class Engine:
             self._send(("retire",))
 
     def yield_cpu(self, yielding: bool = True) -> None:
-        """Run the engine process's threads at a lower priority (nice +10), or back at the server's own.
+        """Run the engine process's threads at a lower priority (the server's niceness + 10), or back at the server's.
 
         Best effort: going back needs the privilege to raise a priority (root, or CAP_SYS_NICE) where
         RLIMIT_NICE does not allow it; without it the engine stays behind, which only matters to it
         while another process wants the CPU.
         """
-        _renice(self._process.pid, YIELD_NICENESS if yielding else os.getpriority(os.PRIO_PROCESS, 0))
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        _renice(self._process.pid, min(own + YIELD_NICENESS, 19) if yielding else own)
+        self.yielded = yielding
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel what runs and stop the engine process (server shutdown)."""
@@ -261,7 +264,7 @@ class Engine:
                 loop.call_soon_threadsafe(_put_events, batch)
 
 
-YIELD_NICENESS = 10  # an engine being replaced, while its replacement builds (Engine.yield_cpu)
+YIELD_NICENESS = 10  # added to the server's niceness for an engine being replaced, while its replacement builds
 
 
 def _renice(pid: int, niceness: int) -> None:

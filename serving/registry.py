@@ -154,6 +154,9 @@ class Registry:
                 del self.failures[name]
         self.table = table  # the swap: one assignment
         used = {id(r.engine) for r in table.values()}
+        for engine in {id(r.engine): r.engine for r in table.values()}.values():
+            if engine.yielded:  # its replacement failed (to load, or to verify): it keeps serving, at full priority
+                engine.yield_cpu(False)
         for key, engine in list(self._engines.items()):
             if id(engine) not in used:
                 del self._engines[key]

@@ -260,6 +260,15 @@ def test_a_version_corrupted_after_publishing_is_refused_and_the_old_one_keeps_s
     assert failures(watched_server)["merged_model"]["version"] == entry.version
     assert ready_models(watched_server) == LIVE
     assert greedy(watched_server, "merged_model", REFERENCE_PROMPT) == answer_before
+    # The old engine yielded the CPU while version 2 built: it keeps serving at the server's own priority
+    # (raising a priority back needs the privilege: as another user it stays behind; see Engine.yield_cpu).
+    own = os.getpriority(os.PRIO_PROCESS, watched_server.process.pid)
+    engines = engine_processes(watched_server.process.pid)
+    assert len(engines) == len(LIVE), engines
+    for engine in engines if os.geteuid() == 0 else []:
+        assert {t.id for t in engine.threads()} and all(
+            os.getpriority(os.PRIO_PROCESS, t.id) == own for t in engine.threads()
+        ), f"engine process {engine.pid} still runs below the server's priority"
     # Rolling the index back clears the failure.
     modelrepo.rollback(watched_repository, "merged_model", 1)
     wait_for(lambda: "merged_model" not in failures(watched_server), what="the failure to clear after rollback")

@@ -281,7 +281,7 @@ def test_an_engine_being_replaced_yields_the_cpu_and_takes_it_back(demo_reposito
         own = os.getpriority(os.PRIO_PROCESS, 0)
         assert niceness() == {own}
         engine.yield_cpu()
-        assert niceness() == {YIELD_NICENESS}, "a thread of the engine process kept its priority"
+        assert niceness() == {min(own + YIELD_NICENESS, 19)}, "a thread of the engine process kept its priority"
         engine.yield_cpu(False)
         if os.geteuid() == 0:  # raising a priority back needs the privilege
             assert niceness() == {own}

@@ -48,7 +48,7 @@ class FakeEngine:
         self.effective = DEFAULT
         self.tokenizer = FakeTokenizer()
         self.pending = self.running = self.cancelled = self.switches = 0
-        self.released = self.dead = False
+        self.released = self.dead = self.yielded = False
 
     def submit(self, r: Request) -> None:
         events = [Delta("ok", []), Failed("the device was lost")] if 7 in r.prompt_ids else [  # len("explode")
