@@ -115,8 +115,8 @@ def build_model(
             prompts,
             ir.weight_format,
             numerics,
-            model_name,
             fetched.tokenizer,
+            publish_as=model_name,
             trust_remote_code=trust_remote_code,
         )
         progress.step("validate")
@@ -202,7 +202,9 @@ def _merge(work: Path, sources: _Sources, fetched: _Fetched) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.build_model", description=__doc__.splitlines()[0])
     p.add_argument("--source-model", required=True, help="base model: hub id[@revision] or local folder")
-    p.add_argument("--adapter", action="append", default=[], help="LoRA adapter, applied in order (repeatable)")
+    p.add_argument(
+        "--adapter", dest="adapters", action="append", default=[], help="LoRA adapter, applied in order (repeatable)"
+    )
     p.add_argument("--tokenizer", help="tokenizer source, when the adapters use another than the base's")
     p.add_argument(
         "--weight-format",
@@ -235,27 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true", help="accept custom model code")
     p.add_argument("--retention", type=int, default=3, help="versions kept per name (default 3)")
     p.add_argument("--work-dir", type=Path, help="where intermediate builds are cached")
-    a = p.parse_args(argv)
-    return run(
-        "build_model",
-        build_model,
-        source_model=a.source_model,
-        model_name=a.model_name,
-        repository=a.repository,
-        adapters=a.adapter,
-        tokenizer=a.tokenizer,
-        weight_format=a.weight_format,
-        target_device=a.target_device,
-        prompts=a.prompts,
-        overwrite=a.overwrite,
-        allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code,
-        retention=a.retention,
-        work_dir=a.work_dir,
-        inference_precision=a.inference_precision,
-        kv_cache_precision=a.kv_cache_precision,
-        dynamic_quantization_group_size=a.dynamic_quantization_group_size,
-    )
+    return run("build_model", build_model, p.parse_args(argv))
 
 
 if __name__ == "__main__":
