@@ -139,7 +139,8 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             config.rng_seed = (self.seed + choice_index) % 2**63
         if self.stop_strings:
             config.stop_strings = self.stop_strings
-        config.include_stop_str_in_output = self.include_stop_str_in_output
+            # genai would drop whole tokens; the text is cut at the stop string by the service (serving/stops.py).
+            config.include_stop_str_in_output = True
         config.ignore_eos = self.ignore_eos
         config.num_return_sequences = 1
         config.logprobs = logprobs

@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
@@ -24,6 +25,7 @@ from serving.engine_core import Delta, Failed, Finished
 from serving.errors import EngineClosed, EngineFailure, InvalidParameter
 from serving.metrics import Metrics
 from serving.registry import Registry, Route
+from serving.stops import StopText
 
 # A retired engine refuses new requests: look the name up again this many times.
 _ROUTE_ATTEMPTS = 3
@@ -41,6 +43,7 @@ class Generation:
     requests: list[Request]
     prompt_tokens: int
     started: float
+    stop: Callable[[], StopText] | None = None  # a new cutter per choice, when the request has stop strings
     completion_tokens: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -58,16 +61,26 @@ class Generation:
             self.route.engine.cancel(r)
 
     async def events(self) -> AsyncIterator[tuple[int, Delta | Finished]]:
+        """Each choice's text as it comes (cut at its first stop string), then its end."""
         queue = self.requests[0].events
         left = len(self.requests)
+        cutters = {r.index: self.stop() for r in self.requests} if self.stop else {}
         while left:
             index, event = await queue.get()
             if isinstance(event, Failed):
                 self.cancel()
                 raise EngineFailure(f"{self.route.name}: {event.message}")
-            if isinstance(event, Finished):
-                left -= 1
-                self.completion_tokens[index] = event.completion_tokens
+            cut = cutters.get(index)
+            if isinstance(event, Delta):
+                if cut is not None:
+                    event = Delta(cut.feed(event.text), event.tokens)
+                if event.text or event.tokens:
+                    yield index, event
+                continue
+            left -= 1
+            self.completion_tokens[index] = event.completion_tokens
+            if cut is not None and (rest := cut.flush()):
+                yield index, Delta(rest, [])
             yield index, event
 
 
@@ -335,7 +348,9 @@ class Service:
                 for r in submitted:
                     engine.cancel(r)
                 raise
-            return Generation(route, prompts, requests, sum(len(x) for x in ids), time.monotonic())
+            stops, include = req.stop_strings, req.include_stop_str_in_output
+            stop = partial(StopText, stops, include=include) if stops else None
+            return Generation(route, prompts, requests, sum(len(x) for x in ids), time.monotonic(), stop)
         raise AssertionError("unreachable")
 
     def _record(self, gen: Generation, endpoint: str) -> None:
