@@ -19,6 +19,13 @@ import modelrepo
 from tests.support import DemoRepository
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where the browser tests (test_page.py) put their screenshots: said at the end of the run.
+SCREENSHOTS = pytest.StashKey[Path]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if SCREENSHOTS in config.stash:
+        terminalreporter.write_line(f"compare page screenshots: {config.stash[SCREENSHOTS]}")
 
 
 @dataclass
