@@ -144,3 +144,29 @@ def test_while_models_load_the_server_answers_503_not_ready(repository: Path) ->
             gate.set()
         _wait_ready(c)
         assert c.post("/v3/completions", json={"model": "fake", "prompt": "x"}).status_code == 200
+
+
+def test_the_compare_page_needs_no_key_and_stays_out_of_the_schema(repository: Path) -> None:
+    with TestClient(create_app(Settings(repository, api_key="k"), loader=FakeEngine)) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script type="module" src="/static/page.js">' in page.text
+        assert c.get("/static/page.js").status_code == c.get("/static/page.css").status_code == 200
+        missing = c.get("/static/nothing.js")
+        assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+        assert c.get("/v3/models").status_code == 401  # the API it calls still wants the key
+        paths = c.get("/schema/openapi.json").json()["paths"]
+        assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+        assert "/v3/models/{model_id}/manifest" in paths
+
+
+def test_a_models_manifest_is_served_without_its_file_hashes_and_the_card_says_what_it_is(client: TestClient) -> None:
+    r = client.get("/v3/models/fake/manifest")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["version"], body["kind"], body["object"]) == ("fake", 1, "base", "model.manifest")
+    assert body["manifest"]["built_by"] == "tests" and "files" not in body["manifest"]
+    card = client.get("/v3/models").json()["data"][0]
+    assert (card["id"], card["kind"], card["version"], card["weight_format"]) == ("fake", "base", 1, None)
+    missing = client.get("/v1/models/nothing/manifest")
+    assert missing.status_code == 404 and "served models: fake" in missing.json()["error"]["message"]
