@@ -519,7 +519,8 @@ function sparkline(values, width = 150, height = 30) {
   const points = values.map((v, i) => [i, v]).filter(([, v]) => v !== null);
   if (points.length < 2) return svg;
   const top = Math.max(...points.map(([, v]) => v), 1e-9);
-  const x = (i) => (i / (HISTORY - 1)) * width;
+  // The newest sample at the right edge; older ones to its left, one step each (the chart fills as samples come).
+  const x = (i) => width - (values.length - 1 - i) * (width / (HISTORY - 1));
   const y = (v) => height - 2 - (v / top) * (height - 4);
   svg.append(svgEl("polyline", { points: points.map(([i, v]) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ") }));
   return svg;
