@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import modelrepo
 from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
+from serving.app import Settings, create_app
 from tasks.publish import Published
-from tests.serving.conftest import SCREENSHOTS, Server
+from tests.serving.conftest import Server, free_port
+from tests.serving.fake_engine import FakeEngine, fake_repository
 
 KEY = "page-test-key"
 MAX_TOKENS = 48  # the demo's
@@ -60,13 +65,6 @@ def browser() -> Iterator[Browser]:
         b = p.chromium.launch(executable_path=chromium())
         yield b
         b.close()
-
-
-@pytest.fixture(scope="session")
-def screenshots(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
-    folder = tmp_path_factory.mktemp("page-screenshots")
-    pytestconfig.stash[SCREENSHOTS] = folder  # printed at the end of the run (tests/serving/conftest.py)
-    return folder
 
 
 @pytest.fixture
@@ -244,3 +242,41 @@ def test_the_live_figures_chart_each_models_requests_and_tokens_from_metrics(key
     # A rate needs two samples: the line appears after the next refresh.
     expect(figures.locator(".tokens-rate svg polyline")).to_have_count(1)
     expect(figures.locator(".ttft")).to_contain_text(re.compile(r"p50 [\d.e+-]+ s"))
+
+
+@pytest.fixture
+def loading_server(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
+    """A server (the fake engine) whose models load only once the test sets the event: its URL and the event."""
+    gate = threading.Event()
+
+    def held_loader(*args: object) -> FakeEngine:
+        gate.wait(60)
+        return FakeEngine(*args)  # type: ignore[arg-type]
+
+    app = create_app(Settings(fake_repository(tmp_path), poll_interval=0.2), loader=held_loader)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="loading-server")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", gate
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_while_the_server_loads_its_models_the_page_says_so_then_lists_them(
+    loading_server: tuple[str, threading.Event], page: Page
+) -> None:
+    url, gate = loading_server
+    page.goto(url + "/")
+    status = page.locator("#models-status")
+    expect(status).to_contain_text("503")
+    expect(status).to_contain_text("the server is still loading its models")
+    gate.set()  # the page asks again by itself
+    expect(page.locator('#models tr[data-model="fake"] .kind')).to_have_text("base")
+    expect(status).to_be_empty()
