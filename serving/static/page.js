@@ -47,6 +47,10 @@ function num(x, digits = 3) {
   return a >= 1e-2 && a < 1e5 ? String(Number(x.toPrecision(digits))) : x.toExponential(1);
 }
 
+function secs(x) {
+  return x === null || x === undefined ? "—" : `${num(x)} s`;
+}
+
 function when(seconds) {
   if (!seconds) return "—";
   return new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 16) + " UTC";
@@ -574,7 +578,7 @@ async function refreshMetrics() {
       chart("tokens/s", tokRates, tokRates.at(-1), "", "tokens-rate"),
       chart("TTFT p50", history.map((s) => s.p50), sample.p50, " s", "ttft-p50"),
       el("p", { class: "note ttft" },
-        `TTFT since start: p50 ${num(sample.p50)} s · p90 ${num(sample.p90)} s · p99 ${num(sample.p99)} s`)));
+        `TTFT since start: p50 ${secs(sample.p50)} · p90 ${secs(sample.p90)} · p99 ${secs(sample.p99)}`)));
   }
 }
 
