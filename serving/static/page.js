@@ -291,8 +291,15 @@ function builtFrom(m) {
   const add = (k, v) => items.push(el("dt", {}, k), el("dd", {}, v));
   const src = m.sources || {};
   if (m.sources) {
-    add("base", describeSource(src.base));
+    // A runtime adapter's manifest names the served base it was validated on (and that base's own source).
+    const base = src.base?.name ? `${src.base.name} version ${src.base.version}, from ${describeSource(src.base.source)}`
+      : describeSource(src.base);
+    add("base", base);
     (src.adapters || []).forEach((a, i) => add(`adapter ${i + 1}`, describeSource(a)));
+    if (src.adapter) {
+      const shape = m.adapter ? ` (rank ${m.adapter.rank}, scale ${m.adapter.scale})` : "";
+      add("adapter", describeSource(src.adapter) + shape);
+    }
     if (src.tokenizer) add("tokenizer", describeSource(src.tokenizer));
   }
   if (m.weight_format) add("weights", `${m.weight_format} for ${m.target_device || "CPU"}`);
@@ -304,9 +311,11 @@ function builtFrom(m) {
 }
 
 function shortPrompt(prompt) {
-  // The demo's prompts put the question last: show that, the whole prompt is in the tooltip.
-  const q = prompt.match(/question:\s*(.*?)\s*(\[\/user\].*)?$/s);
-  const text = (q ? q[1] : prompt).trim();
+  // The demo's prompts end with what differs (the question, the word): show their last line without the
+  // chat markers and the "question:" label; the whole prompt is in the tooltip.
+  const bare = prompt.replace(/\[\/?(user|assistant)\]/g, "").trim();
+  const last = bare.split("\n").map((line) => line.trim()).filter(Boolean).at(-1) || bare;
+  const text = last.replace(/^question:\s*/, "");
   return text.length > 80 ? text.slice(0, 77) + "…" : text;
 }
 

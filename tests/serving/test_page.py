@@ -1,7 +1,8 @@
 """The compare page at / in a real browser: Debian's Chromium, driven by Playwright, against a real server.
 
 The server serves base_model and merged_model as `./dev.sh demo` builds them (the build_model flow, so
-each manifest holds its validation report) and wants an API key, which the page asks for. Each test
+each manifest holds its validation report), and spell_adapter at runtime on base_model (the
+publish_adapter flow); it wants an API key, which the page asks for. Each test
 leaves a screenshot in the folder printed at the end of the run.
 """
 
@@ -29,6 +30,7 @@ from tests.serving.conftest import Server, free_port
 from tests.serving.fake_engine import FakeEngine, fake_repository
 
 KEY = "page-test-key"
+SPELL_PROMPTS = Path(__file__).parents[2] / "demo" / "prompts" / "spell.jsonl"
 MAX_TOKENS = 48  # the demo's
 # A deadline for what the page does on its own (stream, refresh the figures), not a measure of speed.
 expect.set_options(timeout=60_000)
@@ -44,13 +46,17 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def page_repository(flow_built_base: Published, demo_sources: DemoSources, work: Path, tmp_path_factory) -> Path:
-    """base_model and merged_model (base + SQL adapter), both built by the flow: manifests with validation reports."""
+    """base_model, merged_model (base + SQL adapter) and spell_adapter (at runtime on base_model), each
+    published by its flow: manifests with validation reports."""
     from flows.build_model import build_model
+    from flows.publish_adapter import publish_adapter
 
     repo = Path(shutil.copytree(Path(flow_built_base.path).parents[1], tmp_path_factory.mktemp("page") / "models"))
-    # The same arguments as test_build_model's merged build: in a whole run its cached steps are reused.
+    # The same arguments as the flow tests' builds: in a whole run their cached steps are reused.
     build_model(source_model=str(demo_sources.base), adapters=[str(demo_sources.sql_adapter)],
                 model_name="merged_model", repository=repo, work_dir=work)
+    publish_adapter(adapter=str(demo_sources.spell_adapter), base="base_model", name="spell_adapter",
+                    repository=repo, prompts=SPELL_PROMPTS, work_dir=work)
     return repo
 
 
@@ -78,6 +84,10 @@ def page(browser: Browser, screenshots: Path, request: pytest.FixtureRequest) ->
     tab.screenshot(path=screenshots / f"{request.node.name}.png", full_page=True)
     context.close()
     assert not errors, f"the page's script failed: {errors}"
+
+
+def live_manifest(repository: Path, name: str) -> dict:
+    return modelrepo.read_manifest(repository / modelrepo.read_index(repository).entries[name].path)
 
 
 def open_page(page: Page, url: str, key: str = KEY) -> None:
@@ -120,13 +130,16 @@ def test_the_page_needs_no_key_and_lists_the_models_with_kind_version_weights_an
     index = modelrepo.read_index(page_repository)
     for name, kind in (("base_model", "base"), ("merged_model", "merged")):
         row = page.locator(f'#models tr[data-model="{name}"]')
-        manifest = modelrepo.read_manifest(page_repository / index.entries[name].path)
+        manifest = live_manifest(page_repository, name)
         expect(row.locator(".kind")).to_have_text(kind)
         expect(row.locator(".version")).to_have_text(str(index.entries[name].version))
         expect(row.locator(".weights")).to_have_text(manifest["weight_format"])
         precision = manifest["numerics"]["inference_precision"]
         expect(row.locator(".numerics")).to_contain_text(f"{precision} compute")
         expect(row.locator(".published")).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC$"))
+    adapter = page.locator('#models tr[data-model="spell_adapter"]')
+    expect(adapter.locator(".kind")).to_have_text("runtime adapter on base_model")
+    expect(adapter.locator(".weights")).to_have_text(live_manifest(page_repository, "spell_adapter")["weight_format"])
     expect(page.locator("#models-status")).to_be_empty()
 
 
@@ -151,7 +164,7 @@ def test_base_and_merged_stream_side_by_side_and_the_merged_one_answers_the_refe
 def test_the_report_panel_shows_each_manifests_validation_figures_and_sources(
     keyed_server: Server, page: Page, page_repository: Path
 ) -> None:
-    open_page(page, keyed_server.url + "/?models=base_model,merged_model")
+    open_page(page, keyed_server.url + "/?models=base_model,merged_model,spell_adapter")
     entry = modelrepo.read_index(page_repository).entries["merged_model"]
     manifest = modelrepo.read_manifest(page_repository / entry.path)
     v = manifest["validation"]
@@ -173,6 +186,28 @@ def test_the_report_panel_shows_each_manifests_validation_figures_and_sources(
     base_report = page.locator('#reports article[data-model="base_model"]')
     expect(base_report.locator("header small")).to_have_text(re.compile(r"version \d+, base"))
     expect(base_report.locator(".verdict")).to_have_text("passed")
+    # A runtime adapter's gate has no full logits: its report gives the log-probability gap against its bound.
+    spell = live_manifest(page_repository, "spell_adapter")
+    adapter_report = page.locator('#reports article[data-model="spell_adapter"]')
+    expect(adapter_report.locator(".verdict")).to_have_text("passed")
+    gap = adapter_report.locator(".figures-table tr", has_text="log-prob gap, largest")
+    expect(gap.locator("td").nth(3)).to_have_text("✓")
+    expect(adapter_report.locator("table.rows tbody tr")).to_have_count(len(spell["validation"]["rows"]))
+    expect(adapter_report.locator("dl")).to_contain_text(spell["sources"]["adapter"]["revision"])
+    expect(adapter_report.locator("dl")).to_contain_text(f"base_model version {spell['sources']['base']['version']}")
+
+
+def test_chat_mode_streams_each_models_chat_answer(keyed_server: Server, page: Page) -> None:
+    open_page(page, keyed_server.url + "/")
+    page.select_option("#mode", "chat")
+    compare(page, ["merged_model", "spell_adapter"], "Spell the word river letter by letter.")
+    for model in ("merged_model", "spell_adapter"):
+        body = {"model": model, "messages": [{"role": "user", "content": "Spell the word river letter by letter."}],
+                "max_tokens": MAX_TOKENS, "temperature": 0}
+        r = httpx.post(f"{keyed_server.url}/v3/chat/completions", json=body,
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        r.raise_for_status()
+        assert answer(page, model).strip() == r.json()["choices"][0]["message"]["content"].strip()
 
 
 def test_a_shared_link_reproduces_the_comparison(keyed_server: Server, page: Page, browser: Browser) -> None:
@@ -227,7 +262,7 @@ def test_an_unknown_model_in_a_link_is_named_in_words_beside_the_answer_of_a_ser
     unknown = page.locator('#answers article[data-model="no_such_model"]')
     expect(unknown).to_have_attribute("data-status", "error")
     expect(unknown.locator(".error")).to_contain_text("404")
-    expect(unknown.locator(".error")).to_contain_text("served models: base_model, merged_model")
+    expect(unknown.locator(".error")).to_contain_text("served models: base_model, merged_model, spell_adapter")
     expect(page.locator('#reports article[data-model="no_such_model"] .error')).to_contain_text("does not exist")
     assert answer(page, "merged_model")
 
