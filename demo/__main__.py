@@ -6,12 +6,16 @@
 2. runs the `build_model` flow twice, as the reference demo runs export_model.py: `base_model`
    (the base alone) and `merged_model` (base + SQL adapter, merged);
 3. starts the server on the repository, sends the reference demo's SQL request to both models and
-   prints both completions; then stops the server.
+   prints both completions;
+4. prints the address of the compare page (GET /: both answers streamed side by side, with the
+   validation reports) and, in a terminal, keeps serving until Ctrl-C; without one (a script, a
+   test) it stops the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -92,6 +97,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{model:>13}: {text!r}")
         if texts["merged_model"] == texts["base_model"]:
             raise SystemExit("the merged model answered as the base model did: the adapter changed nothing")
+        comparison = (f"{url}/?models=base_model,merged_model&prompt={quote(REFERENCE_PROMPT)}"
+                      f"&mode=completions&max_tokens={args.max_tokens}&temperature=0")
+        print(f"\n== the compare page: {url}/\n   this comparison there: {comparison}", flush=True)
+        if sys.stdin.isatty() and sys.stdout.isatty():  # a person is watching: serve until they are done
+            print("serving until Ctrl-C", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
+        else:
+            print("(no terminal: the server stops now; run ./dev.sh demo in a terminal to keep it serving)", flush=True)
     finally:
         server.send_signal(signal.SIGINT)
         try:

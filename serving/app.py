@@ -2,7 +2,7 @@
 
 The jobs live in modules of their own: controllers.py and health.py (the handlers), auth.py (the
 API key), error_handlers.py (every error rendered once), sse.py (streams), disconnect.py
-(abandoned answers), openapi.py (the schema as the server really answers).
+(abandoned answers), openapi.py (the schema as the server really answers), page.py (the compare page at /).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from serving.engine import Engine, load_engine
 from serving.engine_core import EngineSettings
 from serving.error_handlers import EXCEPTION_HANDLERS
 from serving.metrics import Metrics
+from serving.page import page_routes
 from serving.registry import Registry
 from serving.service import Service
 
@@ -77,6 +78,7 @@ def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engin
             health.live,
             health.ready,
             health.metrics,
+            *page_routes(),  # the compare page at /: no API key (it asks for one and sends it on its own calls)
         ],
         dependencies={
             "registry": Provide(_provide_registry, sync_to_thread=False),

@@ -17,7 +17,7 @@ from serving.engine import Engine
 from serving.error_handlers import count_error
 from serving.errors import NotReady
 from serving.metrics import Metrics
-from serving.registry import Registry
+from serving.registry import Registry, Route
 from serving.service import Service
 from serving.sse import EventStream, data_lines
 
@@ -74,22 +74,32 @@ class OpenAIController(Controller):
     async def models(self, registry: NamedDependency[Registry]) -> p.ModelList:
         if not registry.ready:
             raise NotReady("the server is still loading its models")
-        return p.ModelList([_card(registry, r.entry, _numerics(r.engine)) for _, r in sorted(registry.table.items())])
+        return p.ModelList([await _card(registry, route) for _, route in sorted(registry.table.items())])
 
     @get("/models/{model_id:str}", responses=ERRORS)
     async def model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> p.ModelCard:
-        route = registry.route(model_id)
-        return _card(registry, route.entry, numerics=_numerics(route.engine))
+        return await _card(registry, registry.route(model_id))
+
+    @get("/models/{model_id:str}/manifest", responses=ERRORS)
+    async def manifest(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> p.ModelManifest:
+        """The live version's manifest: its sources and revisions, build, numerics and validation report."""
+        entry = registry.route(model_id).entry
+        return p.ModelManifest(id=entry.name, version=entry.version, kind=entry.kind,
+                               manifest=await registry.manifest(entry))
 
 
-def _card(registry: Registry, entry: Any, numerics: p.ModelNumerics | None = None) -> p.ModelCard:
+async def _card(registry: Registry, route: Route) -> p.ModelCard:
+    entry = route.entry
     return p.ModelCard(
         id=entry.name,
         created=registry.created(entry),
         owned_by="lora-pipeline",
         root=entry.base or entry.name,
         parent=entry.base if entry.kind == "adapter" else None,
-        numerics=numerics,
+        numerics=_numerics(route.engine),
+        kind=entry.kind,
+        version=entry.version,
+        weight_format=(await registry.manifest(entry)).get("weight_format"),
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import openvino_genai as ov_genai
@@ -369,13 +369,30 @@ class ModelCard(msgspec.Struct):
     root: str
     parent: str | None
     object: Literal["model"] = "model"
-    # Beyond OpenAI's card (as vLLM adds max_model_len): the numerics, from the version's manifest.
+    # Beyond OpenAI's card (as vLLM adds max_model_len): the numerics, from the version's manifest;
+    # what the name is (merged, base or runtime adapter on `parent`), its live version and weight format.
     numerics: ModelNumerics | None = None
+    kind: Literal["merged", "base", "adapter"] | None = None
+    version: int | None = None
+    weight_format: str | None = None  # None: the manifest records none (a version published by hand)
 
 
 class ModelList(msgspec.Struct):
     data: list[ModelCard]
     object: Literal["list"] = "list"
+
+
+class ModelManifest(msgspec.Struct):
+    """The live version of a served name and its manifest: sources and revisions, build, numerics, validation.
+
+    Beyond OpenAI's API (GET /v3/models/{id}/manifest). The manifest's table of file hashes is left out.
+    """
+
+    id: str
+    version: int
+    kind: Literal["merged", "base", "adapter"]
+    manifest: dict[str, Any]
+    object: Literal["model.manifest"] = "model.manifest"
 
 
 class ErrorInfo(msgspec.Struct):

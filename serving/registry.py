@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import watchfiles
 
@@ -79,6 +80,7 @@ class Registry:
         self.reloads = 0
         self._engines: dict[EngineKey, Engine] = {}
         self._verified: dict[str, list[str]] = {}  # version path -> problems (versions are immutable)
+        self._manifests: dict[str, dict[str, Any]] = {}  # version path -> its manifest without the file hashes
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._retired: list[Engine] = []
@@ -320,6 +322,13 @@ class Registry:
     def engine_counts(self) -> dict[str, int]:
         """Engines serving the table, and retired ones still finishing their requests."""
         return {"live": len(self._engines), "retiring": sum(not e.released for e in self._retired)}
+
+    async def manifest(self, entry: Entry) -> dict[str, Any]:
+        """The manifest of a live version, without its table of file hashes (read once: versions are immutable)."""
+        if entry.path not in self._manifests:
+            body = await asyncio.to_thread(modelrepo.read_manifest, self.repository / entry.path)
+            self._manifests[entry.path] = {k: v for k, v in body.items() if k != "files"}
+        return self._manifests[entry.path]
 
     def created(self, entry: Entry) -> int:
         try:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo sources and a small served repository, built once per run; one Prefect server."""
+"""Shared fixtures: the demo sources and a small served repository, built once per run; one Prefect server;
+one flow work folder and one flow-built base (same inputs share cached steps across the flow and serving tests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Prefect reads its settings at import: a home of our own, no network, a patient first start on 2 cores.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
@@ -22,6 +24,9 @@ import pytest
 
 from demo.make_sources import DemoSources, ensure_demo_sources
 from tests.support import DemoRepository, build_demo_repository
+
+if TYPE_CHECKING:  # imports Prefect: only the tests that build with a flow pay for it
+    from tasks.publish import Published
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -72,6 +77,25 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The flows' work folder for the session: builds from the same inputs reuse its steps."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="session")
+def flow_built_base(demo_sources: DemoSources, prefect_server: None, work: Path, tmp_path_factory) -> Published:
+    """base_model (fp16) built by the build_model flow, so its manifest records its source. Read-only: copy it."""
+    from flows.build_model import build_model
+
+    return build_model(
+        source_model=str(demo_sources.base),
+        model_name="base_model",
+        repository=tmp_path_factory.mktemp("flow-repo"),
+        work_dir=work,
+    )
 
 
 @pytest.fixture

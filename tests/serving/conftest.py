@@ -19,6 +19,21 @@ import modelrepo
 from tests.support import DemoRepository
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where the browser tests (test_page.py) put their screenshots: said at the end of the run. (Fixture and
+# hook share this module's key: test modules import this file under another name, as another module.)
+_SCREENSHOTS = pytest.StashKey[Path]()
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
+    folder = tmp_path_factory.mktemp("page-screenshots")
+    pytestconfig.stash[_SCREENSHOTS] = folder
+    return folder
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if _SCREENSHOTS in config.stash:
+        terminalreporter.write_line(f"compare page screenshots: {config.stash[_SCREENSHOTS]}")
 
 
 @dataclass

@@ -11,74 +11,13 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
-import modelrepo
-from modelrepo.numerics import DEFAULT
 from serving.app import Settings, create_app
-from serving.engine import Request
-from serving.engine_core import Delta, EngineSettings, Failed, Finished
-from serving.modelinfo import ModelInfo
-
-
-class _Ids:
-    def __init__(self, ids: list[int]) -> None:
-        self.data = [ids]
-
-
-class _Encoded:
-    def __init__(self, ids: list[int]) -> None:
-        self.input_ids = _Ids(ids)
-
-
-class FakeTokenizer:
-    """One token per word."""
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> _Encoded:
-        return _Encoded([0] * add_special_tokens + [len(w) for w in text.split()])
-
-    def apply_chat_template(self, history: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return " ".join(m["content"] for m in history)
-
-
-class FakeEngine:
-    """Answers "ok ok" at once; a prompt holding "explode" fails after its first token."""
-
-    def __init__(self, name: str, version: int, folder: Path, adapters: list, settings: EngineSettings) -> None:
-        self.name, self.version, self.adapters = name, version, {a.name: a for a in adapters}
-        self.info = ModelInfo(folder=folder, context_length=64, numerics=DEFAULT)
-        self.effective = DEFAULT
-        self.tokenizer = FakeTokenizer()
-        self.pending = self.running = self.cancelled = self.switches = 0
-        self.released = self.dead = self.yielded = False
-
-    def submit(self, r: Request) -> None:
-        events = [Delta("ok", []), Failed("the device was lost")] if 7 in r.prompt_ids else [  # len("explode")
-            Delta("ok", []), Delta(" ok", []), Finished("stop", len(r.prompt_ids), 2)
-        ]
-        for e in events:
-            r.loop.call_soon_threadsafe(r.events.put_nowait, (r.index, e))
-
-    def cancel(self, r: Request) -> None:
-        self.cancelled += 1
-
-    def retire(self) -> None:
-        self.released = True
-
-    def yield_cpu(self, yielding: bool = True) -> None:
-        pass
-
-    def close(self) -> None:
-        self.released = True
+from tests.serving.fake_engine import FakeEngine, fake_repository
 
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "max_new_tokens": 8}))
-    (src / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
-    repo = tmp_path / "repo"
-    modelrepo.publish_version(repo, "fake", "base", src, {"built_by": "tests"})
-    return repo
+    return fake_repository(tmp_path)
 
 
 def _wait_ready(client: TestClient) -> None:
@@ -144,3 +83,29 @@ def test_while_models_load_the_server_answers_503_not_ready(repository: Path) ->
             gate.set()
         _wait_ready(c)
         assert c.post("/v3/completions", json={"model": "fake", "prompt": "x"}).status_code == 200
+
+
+def test_the_compare_page_needs_no_key_and_stays_out_of_the_schema(repository: Path) -> None:
+    with TestClient(create_app(Settings(repository, api_key="k"), loader=FakeEngine)) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script type="module" src="/static/page.js">' in page.text
+        assert c.get("/static/page.js").status_code == c.get("/static/page.css").status_code == 200
+        missing = c.get("/static/nothing.js")
+        assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+        assert c.get("/v3/models").status_code == 401  # the API it calls still wants the key
+        paths = c.get("/schema/openapi.json").json()["paths"]
+        assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+        assert "/v3/models/{model_id}/manifest" in paths
+
+
+def test_a_models_manifest_is_served_without_its_file_hashes_and_the_card_says_what_it_is(client: TestClient) -> None:
+    r = client.get("/v3/models/fake/manifest")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["id"], body["version"], body["kind"], body["object"]) == ("fake", 1, "base", "model.manifest")
+    assert body["manifest"]["built_by"] == "tests" and "files" not in body["manifest"]
+    card = client.get("/v3/models").json()["data"][0]
+    assert (card["id"], card["kind"], card["version"], card["weight_format"]) == ("fake", "base", 1, None)
+    missing = client.get("/v1/models/nothing/manifest")
+    assert missing.status_code == 404 and "served models: fake" in missing.json()["error"]["message"]
