@@ -3,7 +3,7 @@
     mirror = Mirror("s3://bucket/models", Path("/var/cache/lora-serve"))
     mirror.open()                      # the cache folder is this process's (an flock)
     changed = mirror.sync()            # one poll; never raises: a failure is kept in `error`
-    mirror.evict(keep={"merged_model/3", ...})
+    mirror.evict(serving={"merged_model/2", ...})  # and what the index names
     mirror.close()
 
 `root` is laid out as a repository folder (index.json, config.json, NAME/N/), so a server loads
@@ -22,13 +22,14 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from modelrepo.errors import RepositoryError
-from modelrepo.index import INDEX, write_atomic
+from modelrepo.index import INDEX, read_index, write_atomic
 from modelrepo.manifest import verify_version
 from modelrepo.objectstore import DOWNLOADING, ObjectStore
 from modelrepo.ovms import CONFIG, config_text
@@ -65,6 +66,8 @@ class Mirror:
         self.failures: dict[str, str] = {}  # version path -> why it cannot be used (does not match its manifest)
         self._have: set[str] = set()  # version paths downloaded or checked by this process
         self._lock: int | None = None
+        # One sync or eviction at a time: a reload on demand may sync while the poll loop does.
+        self._busy = threading.Lock()
 
     # ---- lifecycle ----
 
@@ -104,6 +107,10 @@ class Mirror:
 
     def sync(self) -> bool:
         """One poll; True if the local index was replaced. An unreachable store leaves everything as it was."""
+        with self._busy:
+            return self._poll()
+
+    def _poll(self) -> bool:
         self.polls += 1
         try:
             changed = self._sync()
@@ -154,8 +161,12 @@ class Mirror:
             return []
         return verify_version(self.root / path)
 
-    def evict(self, keep: set[str]) -> list[str]:
-        """Delete the cached versions outside `keep` (what the index names, what still serves) and dead downloads."""
+    def evict(self, serving: set[str]) -> list[str]:
+        """Delete the cached versions neither the copy's index names nor `serving` holds, and dead downloads."""
+        with self._busy:  # the index read here is the one the copy holds: a sync cannot replace it meanwhile
+            return self._evict(serving | {e.path for e in read_index(self.root).entries.values()})
+
+    def _evict(self, keep: set[str]) -> list[str]:
         removed = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for version in sorted(folder.iterdir()):

@@ -127,7 +127,12 @@ class Registry:
     # ---- reloading ----
 
     async def reload(self, force: bool = False) -> bool:
-        """Bring the table in line with index.json (`force`: even if its generation is unchanged)."""
+        """Bring the table in line with index.json (`force`: even if its generation is unchanged).
+
+        Forced (POST /v1/config/reload), a bucket's copy is synced first: what the store says now is loaded.
+        """
+        if force and self.mirror is not None:
+            await asyncio.to_thread(self.mirror.sync)
         async with self._lock:
             try:
                 index = await asyncio.to_thread(modelrepo.read_index, self.repository)
@@ -291,7 +296,7 @@ class Registry:
     async def _verify(self, entry: Entry) -> list[str]:
         if entry.path not in self._verified:
             if self.mirror is not None:  # checked as it was downloaded (or now, if an earlier process did)
-                check = self.mirror.problems(entry.path)
+                check = await asyncio.to_thread(self.mirror.problems, entry.path)
             else:
                 check = await asyncio.to_thread(modelrepo.verify_version, self.repository / entry.path)
             self._verified[entry.path] = check
@@ -339,28 +344,19 @@ class Registry:
         the store cannot be reached at start (its versions are checked against their manifests again).
         """
         while True:
-            await asyncio.to_thread(mirror.sync)
-            if mirror.has_index() or not mirror.stale:
-                try:
+            try:
+                await asyncio.to_thread(mirror.sync)
+                if mirror.has_index() or not mirror.stale:
                     await self.reload()
-                except Exception:  # reported; the next poll tries again
-                    log.exception("loading the copy of %s failed", mirror.location)
-                self.ready = True
-                keep = self.in_use()
-                if keep is not None:
-                    await asyncio.to_thread(mirror.evict, keep)
+                    self.ready = True
+                    # What the table serves stays too: a failed new version leaves the old one serving.
+                    serving = {r.entry.path for r in self.table.values()}
+                    await asyncio.to_thread(mirror.evict, serving)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # reported; the next poll tries again
+                log.exception("syncing or loading the copy of %s failed", mirror.location)
             await asyncio.sleep(self.poll_interval)
-
-    def in_use(self) -> set[str] | None:
-        """Version paths the index names or a route serves (a failed new version leaves the old one serving).
-
-        None if the index cannot be read: then nothing is known to be unused.
-        """
-        try:
-            named = {e.path for e in modelrepo.read_index(self.repository).entries.values()}
-        except (modelrepo.RepositoryError, OSError):
-            return None
-        return named | {r.entry.path for r in self.table.values()}
 
     # ---- reporting ----
 

@@ -124,21 +124,31 @@ def test_a_replica_keeps_serving_while_its_store_is_down_says_it_is_stale_and_ca
     start_server, own_s3: S3Server, demo_repository: DemoRepository, tmp_path: Path
 ) -> None:
     bucket = own_s3.new_bucket()
-    _publish(bucket, demo_repository, "merged_model", tmp_path)
-    server = _start_replica(start_server, bucket, tmp_path / "cache")
-    with Load([server], threads_per_server=2) as load:
-        _wait_for(lambda: load.answers() >= 4, "the first answers")
-        own_s3.pause()
-        try:
+    first = _publish(bucket, demo_repository, "merged_model", tmp_path)
+    cache = tmp_path / "cache"
+    server = _start_replica(start_server, bucket, cache)
+    own_s3.pause()
+    try:
+        with Load([server], threads_per_server=2) as load:
             _wait_for(lambda: _ready(server)["store"]["stale"], "readiness to say the store is stale")
             ready = _ready(server)
             assert ready["status"] == "ready" and ready["models"] == {"merged_model": 1} and ready["store"]["error"]
-            metrics = httpx.get(f"{server.url}/metrics").text
-            assert "lora_serve_store_stale 1.0" in metrics
+            assert "lora_serve_store_stale 1.0" in httpx.get(f"{server.url}/metrics").text
             during = load.answers()
             _wait_for(lambda: load.answers() >= during + 8, "answers while the store is down")
-        finally:
-            own_s3.resume()
+        assert load.failures == []
+        # Restarted while the store is still down, a replica serves the copy it has (checked again: it did not
+        # download it), and says it is stale.
+        server.process.terminate()
+        server.process.wait(30)
+        server = _start_replica(start_server, bucket, cache)
+        ready = _ready(server)
+        assert ready["models"] == {"merged_model": first.version} and ready["store"]["stale"] is True
+        assert ready["store"]["last_sync_age_seconds"] is None
+    finally:
+        own_s3.resume()
+    with Load([server], threads_per_server=2) as load:
+        _wait_for(lambda: load.seen[first.path] >= 4, "answers from the copy")
         entry = _publish(bucket, demo_repository, "merged_model", tmp_path)
         _wait_for(lambda: _ready(server)["models"]["merged_model"] == entry.version, "the catch-up")
         _wait_for(lambda: load.seen[entry.path] >= 4, "answers from the new version")
