@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import obstore
 import pytest
 
 import modelrepo
@@ -118,6 +119,32 @@ def test_a_replica_serves_a_bucket_from_a_checked_local_copy_and_follows_its_pub
         assert [modelrepo.verify_version(copy / path) for path in (entry.path, "base_model/1")] == [[], []]
         metrics = http.get("/metrics").text
         assert "lora_serve_store_stale 0.0" in metrics and 'lora_serve_store_polls_total{outcome="ok"}' in metrics
+
+        # A version whose files in the bucket are not what its manifest says: reported, never copied, not served.
+        tampered = _tampered_copy(published_bucket, entry.path, f"merged_model/{entry.version + 1}")
+        modelrepo.commit_entry(published_bucket, modelrepo.Entry("merged_model", "merged", tampered))
+        _wait_for(lambda: "merged_model" in _ready(server)["failures"], "the failure in readiness")
+        failure = _ready(server)["failures"]["merged_model"]
+        assert failure["version"] == tampered and "sha256 differs from the manifest" in failure["error"]
+        assert not (copy / "merged_model" / str(tampered)).exists()
+        r = http.post("/v3/completions", json={"model": "merged_model", "prompt": REFERENCE_PROMPT, "max_tokens": 16})
+        assert r.status_code == 200 and r.json()["system_fingerprint"] == entry.path
+
+
+def _tampered_copy(bucket: str, source: str, dest: str) -> int:
+    """Copy a version's objects to `dest` in the bucket with one weights byte changed; returns dest's number."""
+    store = modelrepo.open_store(bucket)
+    s3 = store.s3  # type: ignore[attr-defined]
+    for batch in obstore.list(s3, prefix=source):
+        for meta in batch:
+            data = bytes(obstore.get(s3, meta["path"]).bytes())
+            rel = meta["path"].removeprefix(f"{source}/")
+            if rel == "openvino_model.bin":
+                data = bytes([data[0] ^ 1]) + data[1:]
+            if rel != "manifest.json":
+                obstore.put(s3, f"{dest}/{rel}", data)
+    obstore.put(s3, f"{dest}/manifest.json", bytes(obstore.get(s3, f"{source}/manifest.json").bytes()))  # last
+    return int(dest.rsplit("/", 1)[1])
 
 
 def test_a_replica_keeps_serving_while_its_store_is_down_says_it_is_stale_and_catches_up(
