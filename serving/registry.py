@@ -347,8 +347,10 @@ class Registry:
             try:
                 await asyncio.to_thread(mirror.sync)
                 if mirror.has_index() or not mirror.stale:
-                    await self.reload()
-                    self.ready = True
+                    try:
+                        await self.reload()
+                    finally:
+                        self.ready = True  # as with a folder: ready after the first load, failed or not
                     # What the table serves stays too: a failed new version leaves the old one serving.
                     serving = {r.entry.path for r in self.table.values()}
                     await asyncio.to_thread(mirror.evict, serving)
