@@ -338,27 +338,40 @@ class Registry:
                 await asyncio.sleep(self.poll_interval)
 
     async def _poll_store(self, mirror: Mirror) -> None:
-        """Sync the local copy every `poll_interval` seconds, reload from it, evict what is no longer used.
+        """Sync the local copy every `poll_interval` seconds; a task of its own reloads from it and evicts.
 
-        Ready once there is something to serve: the first sync, or a copy an earlier process left when
-        the store cannot be reached at start (its versions are checked against their manifests again).
+        Apart, so polls keep their pace, and `stale` its truth, while a large model loads. Ready once
+        there is something to serve: the first sync, or a copy an earlier process left when the store
+        cannot be reached at start (its versions are checked against their manifests again).
         """
-        while True:
-            try:
-                await asyncio.to_thread(mirror.sync)
+        wake = asyncio.Event()
+        reloader = asyncio.create_task(self._reload_copy(mirror, wake), name="copy-reloader")
+        try:
+            while True:
+                await asyncio.to_thread(mirror.sync)  # never raises: a failure is the mirror's `error`
                 if mirror.has_index() or not mirror.stale:
-                    try:
-                        await self.reload()
-                    finally:
-                        self.ready = True  # as with a folder: ready after the first load, failed or not
+                    wake.set()  # every poll, as the folder's watcher: it also restarts dead engines
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
+
+    async def _reload_copy(self, mirror: Mirror, wake: asyncio.Event) -> None:
+        """Reload from the copy when woken, then evict: never during a load, whose files must stay."""
+        while True:
+            await wake.wait()
+            wake.clear()
+            try:
+                try:
+                    await self.reload()
+                finally:
+                    self.ready = True  # as with a folder: ready after the first load, failed or not
+                async with self._lock:  # not during a reload on demand (POST /v1/config/reload) either
                     # What the table serves stays too: a failed new version leaves the old one serving.
-                    serving = {r.entry.path for r in self.table.values()}
-                    await asyncio.to_thread(mirror.evict, serving)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # reported; the next poll tries again
-                log.exception("syncing or loading the copy of %s failed", mirror.location)
-            await asyncio.sleep(self.poll_interval)
+                    await asyncio.to_thread(mirror.evict, {r.entry.path for r in self.table.values()})
+            except Exception:  # reported; the next wake tries again
+                log.exception("loading the copy of %s failed", mirror.location)
 
     # ---- reporting ----
 
