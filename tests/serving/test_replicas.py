@@ -279,3 +279,15 @@ def test_three_replicas_under_load_converge_on_a_publish_with_no_failed_request(
     print(f"\nconvergence of 3 replicas (poll {POLL_INTERVAL:g} s): "
           + ", ".join(f"{t:.1f} s" for t in sorted(converged.values())))
 
+
+
+def test_a_reload_on_demand_polls_the_bucket_at_once(
+    start_server, bucket: str, demo_repository: DemoRepository, tmp_path: Path
+) -> None:
+    _publish(bucket, demo_repository, "merged_model", tmp_path)
+    server = _start_replica(start_server, bucket, tmp_path / "cache", "--poll-interval", "3600")
+    entry = _publish(bucket, demo_repository, "merged_model", tmp_path)
+    assert _ready(server)["models"]["merged_model"] == entry.version - 1  # the next poll is an hour away
+    config = httpx.post(f"{server.url}/v1/config/reload", timeout=120).json()
+    assert config["merged_model"]["model_version_status"][0]["version"] == str(entry.version)
+    assert _ready(server)["models"]["merged_model"] == entry.version
