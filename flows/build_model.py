@@ -26,14 +26,14 @@ from prefect.runtime import flow_run
 
 import modelrepo
 from flows.cli import run
-from modelrepo.numerics import INFERENCE_PRECISIONS, KV_CACHE_PRECISIONS, resolve
+from modelrepo.numerics import INFERENCE_PRECISIONS, KV_CACHE_PRECISIONS, Numerics, resolve
 from tasks.errors import SourceError
-from tasks.export import EXPORT, TargetDevice, WeightFormat, export, resolve_weight_format
+from tasks.export import EXPORT, ExportResult, TargetDevice, WeightFormat, export, resolve_weight_format
 from tasks.logs import Progress, step_logger
 from tasks.merge import MERGE, merge
 from tasks.publish import Published, build_key, make_manifest, publish, up_to_date
 from tasks.reference import reference_needs
-from tasks.report import DEFAULT_PROMPTS, require_computable
+from tasks.report import DEFAULT_PROMPTS, ValidationReport, require_computable
 from tasks.resources import export_needs, require_memory, validate_needs, weights_size
 from tasks.sources import Source, fetch_source, resolve_source, snapshot_path
 from tasks.validate import validate
@@ -102,9 +102,7 @@ def build_model(
         size = weights_size(model_dir)
         what = f"exporting {model_name} ({size.parameters / 1e9:.2f} B parameters) to {fmt}"
         require_memory(what, export_needs(size, fmt), progress.meter)
-        # The merged folder's name holds the merge's key: a model merged anew is exported anew.
-        ir_dir = EXPORT.folder(work, *sources.pinned, fmt, model_dir.name)
-        ir = fresh_unless_present(export, ir_dir)(model_dir, ir_dir, fmt, trust_remote_code=trust_remote_code)
+        ir = _export(work, sources, model_dir, fmt)
         progress.step("export")
         needs = validate_needs(size, fmt, reference_needs(fetched.base, size))
         require_memory(f"validating {model_name} against its f32 reference", needs, progress.meter)
@@ -115,34 +113,18 @@ def build_model(
             prompts,
             ir.weight_format,
             numerics,
-            model_name,
             fetched.tokenizer,
+            publish_as=model_name,
             trust_remote_code=trust_remote_code,
         )
         progress.step("validate")
-        manifest = make_manifest(
-            key=key,
-            sources=describe_sources(sources.base, list(zip(sources.adapters, fetched.adapters, strict=True)),
-                                     sources.tokenizer),
-            weight_format=ir.weight_format,
-            numerics=numerics,
-            constant_types=ir.constant_types,
-            target_device=target_device,
-            tools=tool_versions(),
-            validation=report.summary(),
-            flow_run=flow_run.get_id(),
-        ) | {"stages": progress.meter.summary()}
+        manifest = _manifest(key, sources, fetched, ir, numerics, target_device, report) | {
+            "stages": progress.meter.summary()
+        }
         kind = "merged" if fetched.adapters else "base"
-        published = publish(
-            repository,
-            model_name,
-            kind,
-            ir.folder,
-            manifest,
-            target_device=target_device,
-            retention=retention,
-            report_markdown=report.markdown(model_name),
-        )
+        markdown = report.markdown(model_name)
+        opts = {"target_device": target_device, "retention": retention, "report_markdown": markdown}
+        published = publish(repository, model_name, kind, ir.folder, manifest, **opts)
         progress.step("publish")
         return published
 
@@ -199,10 +181,45 @@ def _merge(work: Path, sources: _Sources, fetched: _Fetched) -> Path:
     return merging(fetched.base, fetched.adapters, merged, fetched.tokenizer, **sources.flags)
 
 
+
+def _export(work: Path, sources: _Sources, model_dir: Path, fmt: str) -> ExportResult:
+    """The model as OpenVINO IR in `fmt`; one exported already is not exported again."""
+    # The merged folder's name holds the merge's key: a model merged anew is exported anew.
+    ir_dir = EXPORT.folder(work, *sources.pinned, fmt, model_dir.name)
+    exporting = fresh_unless_present(export, ir_dir)
+    return exporting(model_dir, ir_dir, fmt, trust_remote_code=sources.flags["trust_remote_code"])
+
+
+def _manifest(
+    key: str,
+    sources: _Sources,
+    fetched: _Fetched,
+    ir: ExportResult,
+    numerics: Numerics,
+    target_device: str,
+    report: ValidationReport,
+) -> dict[str, Any]:
+    """What the version records: how it was built, from what, with which tools, and its validation."""
+    return make_manifest(
+        key=key,
+        sources=describe_sources(
+            sources.base, list(zip(sources.adapters, fetched.adapters, strict=True)), sources.tokenizer
+        ),
+        weight_format=ir.weight_format,
+        numerics=numerics,
+        constant_types=ir.constant_types,
+        target_device=target_device,
+        tools=tool_versions(),
+        validation=report.summary(),
+        flow_run=flow_run.get_id(),
+    )
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.build_model", description=__doc__.splitlines()[0])
     p.add_argument("--source-model", required=True, help="base model: hub id[@revision] or local folder")
-    p.add_argument("--adapter", action="append", default=[], help="LoRA adapter, applied in order (repeatable)")
+    p.add_argument(
+        "--adapter", dest="adapters", action="append", default=[], help="LoRA adapter, applied in order (repeatable)"
+    )
     p.add_argument("--tokenizer", help="tokenizer source, when the adapters use another than the base's")
     p.add_argument(
         "--weight-format",
@@ -235,27 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true", help="accept custom model code")
     p.add_argument("--retention", type=int, default=3, help="versions kept per name (default 3)")
     p.add_argument("--work-dir", type=Path, help="where intermediate builds are cached")
-    a = p.parse_args(argv)
-    return run(
-        "build_model",
-        build_model,
-        source_model=a.source_model,
-        model_name=a.model_name,
-        repository=a.repository,
-        adapters=a.adapter,
-        tokenizer=a.tokenizer,
-        weight_format=a.weight_format,
-        target_device=a.target_device,
-        prompts=a.prompts,
-        overwrite=a.overwrite,
-        allow_pickle=a.allow_pickle,
-        trust_remote_code=a.trust_remote_code,
-        retention=a.retention,
-        work_dir=a.work_dir,
-        inference_precision=a.inference_precision,
-        kv_cache_precision=a.kv_cache_precision,
-        dynamic_quantization_group_size=a.dynamic_quantization_group_size,
-    )
+    return run("build_model", build_model, p.parse_args(argv))
 
 
 if __name__ == "__main__":

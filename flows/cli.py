@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -10,9 +11,10 @@ from modelrepo import RepositoryError
 from tasks.errors import PipelineError
 
 
-def run(label: str, flow: Callable[..., Any], /, **parameters: Any) -> int:
+def run(label: str, flow: Callable[..., Any], args: argparse.Namespace) -> int:
+    """Call `flow` with the parsed arguments, whose names are the flow's parameters."""
     try:
-        result = flow(**parameters)
+        result = flow(**vars(args))
     except (PipelineError, RepositoryError, ValueError) as e:
         print(f"{label} failed: {e}", file=sys.stderr)
         return 1

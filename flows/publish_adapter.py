@@ -104,7 +104,7 @@ def publish_adapter(
     staged = stage(adapter_dir, work / f"adapter-{input_key(source.revision)}", allow_pickle=allow_pickle)
     # The base's IR, local: the version itself in a folder, a checked copy from an object store.
     base_ir = modelrepo.open_store(repository).local_copy(entry.path, work / "repository-cache")
-    report = validate_adapter(base_ir, base_dir, staged, fit.scale, prompts, weight_format, numerics, name)
+    report = validate_adapter(base_ir, base_dir, staged, fit.scale, prompts, weight_format, numerics, publish_as=name)
     manifest = make_manifest(
         key=key,
         sources={
@@ -151,21 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled (.bin) adapter weights")
     p.add_argument("--retention", type=int, default=3)
     p.add_argument("--work-dir", type=Path)
-    a = p.parse_args(argv)
-    return run(
-        "publish_adapter",
-        publish_adapter,
-        adapter=a.adapter,
-        base=a.base,
-        name=a.name,
-        repository=a.repository,
-        prompts=a.prompts,
-        base_source=a.base_source,
-        overwrite=a.overwrite,
-        allow_pickle=a.allow_pickle,
-        retention=a.retention,
-        work_dir=a.work_dir,
-    )
+    return run("publish_adapter", publish_adapter, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -37,17 +37,39 @@ def _files(root: Path) -> list[str]:
     ]
 
 
+def json_object(data: bytes, where: str) -> dict[str, Any]:
+    """Bytes that must hold a JSON object; anything else is a RepositoryError naming `where`."""
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RepositoryError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RepositoryError(f"{where} is not a JSON object")
+    return body
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RepositoryError(f"{path.name} is missing in {path.parent}") from None
+    return json_object(data, str(path))
+
+
+def manifest_body(data: bytes, where: str) -> dict[str, Any]:
+    body = json_object(data, where)
+    if not isinstance(body.get("files"), dict):
+        raise RepositoryError(f"{where} has no 'files' table of hashes")
+    return body
+
+
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise RepositoryError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RepositoryError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
-        raise RepositoryError(f"{path} has no 'files' table of hashes")
-    return body
+    return manifest_body(data, str(path))
 
 
 def verify_version(folder: str | os.PathLike[str]) -> list[str]:

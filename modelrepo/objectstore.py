@@ -52,7 +52,7 @@ from obstore.store import S3Store
 
 from modelrepo.errors import RepositoryError
 from modelrepo.index import INDEX, Entry, Index
-from modelrepo.manifest import MANIFEST, _files, hash_files, verify_version
+from modelrepo.manifest import MANIFEST, _files, hash_files, manifest_body, verify_version
 from modelrepo.numerics import pinned
 from modelrepo.ovms import CONFIG, GRAPH, config_text, graph_text
 from modelrepo.store import NewVersion, Snapshot
@@ -305,13 +305,7 @@ class ObjectStore:
             data = bytes(obstore.get(self.s3, f"{path}/{MANIFEST}").bytes())
         except FileNotFoundError:
             raise RepositoryError(f"{where} is missing") from None
-        try:
-            body = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RepositoryError(f"{where} is not valid JSON: {e}") from None
-        if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
-            raise RepositoryError(f"{where} has no 'files' table of hashes")
-        return body
+        return manifest_body(data, where)
 
     def _objects(self, path: str) -> list[str]:
         """The files of a version, relative to it, without its claim."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelrepo import ADAPTER_CONFIG
+from modelrepo import ADAPTER_CONFIG, RepositoryError
+from modelrepo.manifest import read_json_object
 from tasks.errors import AdapterMismatch, SourceError
 
 # peft's saved keys: base_model.model.<module>.lora_A.weight (and lora_B, lora_embedding_A/B, DoRA magnitudes).
@@ -31,14 +31,9 @@ class AdapterFit:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceError(f"{what}: {path.name} is missing in {path.parent}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SourceError(f"{what}: {path} is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise SourceError(f"{what}: {path} is not a JSON object")
-    return body
+        return read_json_object(path)
+    except RepositoryError as e:  # a source, not the repository, is at fault here
+        raise SourceError(f"{what}: {e}") from None
 
 
 def tensor_shapes(folder: Path, stem: str, *, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:

@@ -97,7 +97,7 @@ def publish_model(
     alpha: float | None = None,
     report_markdown: str | None = None,
 ) -> Published:
-    """modelrepo.publish_version: a new immutable version, made live by one atomic index replace."""
+    """The build and its report as a new immutable version of `name` (modelrepo.publish_version), live at once."""
     log = step_logger(__name__)
     log.info("publishing %s from %s into %s", name, folder, repository)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".publish-{name}-") as tmp:
@@ -113,19 +113,14 @@ def publish_model(
     return Published(name, entry.version, modelrepo.open_store(repository).locate(entry.path), True)
 
 
-def publish_step(
-    repository: str | Path,
-    name: str,
-    kind: modelrepo.index.Kind,
-    folder: Path,
-    manifest: dict[str, Any],
-    **options: Any,
-) -> Published:
-    """publish_model; a markdown and a link artifact under stable keys saying what is live now; an event."""
+def announce(
+    published: Published, kind: str, manifest: dict[str, Any], repository: str | Path, base: str | None
+) -> None:
+    """What is live now, in Prefect: a markdown and a link artifact under stable keys, and an event."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
     from prefect.events import emit_event
 
-    published = publish_model(repository, name, kind, folder, manifest, **options)
+    name = published.name
     validation = manifest.get("validation", {})
     key = "published-" + "".join(c if c.isalnum() else "-" for c in name.lower())
     where = published.path
@@ -155,7 +150,7 @@ def publish_step(
     )
     create_markdown_artifact(
         f"# {name} version {published.version} is live\n\n"
-        f"- kind: {kind}{' on ' + str(options.get('base')) if kind == 'adapter' else ''}\n"
+        f"- kind: {kind}{' on ' + str(base) if kind == 'adapter' else ''}\n"
         f"- folder: `{published.path}`\n"
         f"- weights: {manifest.get('weight_format')} for {manifest.get('target_device')}\n"
         f"- numerics: {Numerics.from_json(manifest['numerics'])}\n"
@@ -165,8 +160,21 @@ def publish_step(
         key=key,
         description=f"the live version of {name}",
     )
+
+
+def publish_and_announce(
+    repository: str | Path,
+    name: str,
+    kind: modelrepo.index.Kind,
+    folder: Path,
+    manifest: dict[str, Any],
+    **options: Any,
+) -> Published:
+    """The flows' last step: publish_model, then announce what is live."""
+    published = publish_model(repository, name, kind, folder, manifest, **options)
+    announce(published, kind, manifest, repository, options.get("base"))
     return published
 
 
 # Never cached: publishing is the one step whose effect is the point of running it again.
-publish = task(name="publish", task_run_name="publish-{name}", cache_policy=NO_CACHE)(publish_step)
+publish = task(name="publish", task_run_name="publish-{name}", cache_policy=NO_CACHE)(publish_and_announce)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from modelrepo.numerics import Numerics, capabilities, effective
-from tasks.errors import PipelineError, SourceError
+from tasks.errors import PipelineError, SourceError, ValidationFailed
 from tasks.gate import Bounds, bounds_for, exact_match, margin_disagreements, p99, token_f1
 from tasks.reference import Scores
 
@@ -355,9 +355,76 @@ def make_row(
     )
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What one validation fixes before it runs: its kind, prompts and numerics, and the gate's tau for them."""
+
+    kind: str  # "base", "merged" or "adapter"
+    weight_format: str
+    numerics: Numerics
+    computed: Numerics  # what this CPU computes with `numerics` (require_computable's answer)
+    prompts_path: Path
+    prompts: list[Prompt]
+    tau: float
+
+    @classmethod
+    def start(cls, kind: str, prompts_path: Path, weight_format: str, numerics: Numerics) -> Validation:
+        """Fails early where this CPU cannot compute the pinned numerics, or the prompt set is unreadable."""
+        computed = require_computable(numerics)
+        tau = bounds_for(kind, weight_format, numerics.inference_precision).tau
+        return cls(kind, weight_format, numerics, computed, prompts_path, load_prompts(prompts_path), tau)
+
+    def row(
+        self,
+        prompt: Prompt,
+        cont: list[int],
+        scores: Scores,
+        engine_top: np.ndarray,
+        base_text: str,
+        model_text: str,
+        **measures: Any,
+    ) -> Row:
+        """One prompt's row (make_row): the engine's choices over `cont` against the reference's `scores`."""
+        scored = compared(cont, scores, self.tau)
+        return make_row(prompt, scored, engine_top, base_text, model_text, self.tau, **measures)
+
+    def report(
+        self,
+        rows: list[Row],
+        klds: list[float],
+        *,
+        min_changed_fraction: float,
+        base_answers: str,
+        publish_as: str | None,
+    ) -> ValidationReport:
+        """The verdict; with `publish_as` (a flow's step) published as artifacts, and raised when it failed."""
+        report = ValidationReport.of_rows(
+            self.kind,
+            self.weight_format,
+            self.numerics,
+            self.computed,
+            self.prompts_path,
+            rows,
+            klds,
+            min_changed_fraction=min_changed_fraction,
+            base_answers=base_answers,
+        )
+        return gated(report, publish_as)
+
+
 def min_changed(prompts: int, fraction: float) -> int:
     """How many prompts the adapters must change: `fraction` of them, and at least one."""
     return max(1, math.ceil(fraction * prompts))
+
+
+def gated(report: ValidationReport, publish_as: str | None) -> ValidationReport:
+    """With a name (a flow's step), the report published under it and a failed validation raised."""
+    if publish_as is None:
+        return report
+    publish_report(report, publish_as)
+    if not report.passed:
+        raise ValidationFailed("validation failed: " + "; ".join(report.failures))
+    return report
 
 
 def publish_report(report: ValidationReport, name: str) -> None:

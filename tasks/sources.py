@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -249,20 +250,9 @@ def _fetch_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"fetch-{source.origin}-{source.repo_id or snapshot_path(source)}-{source.revision}-{flags}"
 
 
-resolve_source = task(
-    name="resolve-source",
-    task_run_name="resolve-{role}",
-    retries=3,
-    retry_delay_seconds=[2, 5, 15],
-    retry_condition_fn=is_transient,
-)(resolve)
-
-fetch_source = task(
-    name="fetch-source",
-    task_run_name="fetch-{source.role}",
-    retries=3,
-    retry_delay_seconds=[2, 5, 15],
-    retry_condition_fn=is_transient,
-    cache_key_fn=_fetch_key,
-    persist_result=True,
+# Both talk to the hub: a transient failure (network, 5xx, 429) is retried, a final one is not.
+_hub_task = functools.partial(task, retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=is_transient)
+resolve_source = _hub_task(name="resolve-source", task_run_name="resolve-{role}")(resolve)
+fetch_source = _hub_task(
+    name="fetch-source", task_run_name="fetch-{source.role}", cache_key_fn=_fetch_key, persist_result=True
 )(fetch)

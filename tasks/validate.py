@@ -18,22 +18,11 @@ from modelrepo import ADAPTER_WEIGHTS
 from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics
 from tasks.engine import genai_greedy, genai_pipeline, ir_logits, ir_request
-from tasks.errors import ValidationFailed
-from tasks.gate import bounds_for, kl_divergence
+from tasks.gate import kl_divergence
 from tasks.loaders import load_tokenizer
 from tasks.logs import step_logger
 from tasks.reference import load_reference
-from tasks.report import (
-    MAX_NEW_TOKENS,
-    Row,
-    ValidationReport,
-    compared,
-    continuation,
-    load_prompts,
-    make_row,
-    publish_report,
-    require_computable,
-)
+from tasks.report import MAX_NEW_TOKENS, Row, Validation, ValidationReport, continuation
 from tasks.resources import compiled_bytes_per_parameter, weights_size
 from tasks.stream_merge import NotStreamable, StreamPlan, plan_stream_merge
 from tasks.workdir import Step
@@ -110,6 +99,7 @@ def validate_ir(
     *,
     min_changed_fraction: float = 0.5,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    publish_as: str | None = None,
     trust_remote_code: bool = False,
 ) -> ValidationReport:
     """Compare the IR with the torch reference position by position, and with the base.
@@ -120,13 +110,12 @@ def validate_ir(
     adapters subtracted at runtime (subtracted_base_answers), checked against the reference where
     they follow the scored tokens (base_choices); where the engine cannot subtract them, or the
     check fails, from the reference itself (one streamed pass per token: slow on a large model).
+    With `publish_as` (the flow's step), the report becomes that model's artifacts and a failure raises.
     """
     log = step_logger(__name__)
-    computed = require_computable(numerics)
-    prompts = load_prompts(prompts_path)
+    validation = Validation.start("merged" if adapter_dirs else "base", prompts_path, weight_format, numerics)
+    prompts = validation.prompts
     tokenizer = load_tokenizer(base_dir, tokenizer_dir, trust_remote_code=trust_remote_code)
-    kind = "merged" if adapter_dirs else "base"
-    tau = bounds_for(kind, weight_format, numerics.inference_precision).tau
     prompt_ids = [tokenizer(p.prompt).input_ids for p in prompts]
 
     # One model in memory at a time, each released before the next loads; the IR's mapped weights
@@ -196,51 +185,14 @@ def validate_ir(
     ):
         kld = kl_divergence(score.reference, engine)
         base_text = tokenizer.decode(base, skip_special_tokens=True)
-        rows.append(make_row(p, compared(cont, score, tau), engine.argmax(-1), base_text, model_text, tau, kld=kld))
+        rows.append(validation.row(p, cont, score, engine.argmax(-1), base_text, model_text, kld=kld))
         klds += kld.tolist()
         log.info(
             "validated prompt %d/%d: agreement %.3f, KLD mean %.2g", i, len(prompts), rows[-1].agreement, kld.mean()
         )
-    return ValidationReport.of_rows(
-        kind,
-        weight_format,
-        numerics,
-        computed,
-        prompts_path,
-        rows,
-        klds,
-        min_changed_fraction=min_changed_fraction,
-        base_answers=base_answers,
+    return validation.report(
+        rows, klds, min_changed_fraction=min_changed_fraction, base_answers=base_answers, publish_as=publish_as
     )
-
-
-def validate_step(
-    ir_dir: Path,
-    base_dir: Path,
-    adapter_dirs: list[Path],
-    prompts_path: Path,
-    weight_format: str,
-    numerics: Numerics,
-    model_name: str,
-    tokenizer_dir: Path | None = None,
-    *,
-    trust_remote_code: bool = False,
-) -> ValidationReport:
-    """validate_ir, the report published as artifacts, and a failed validation raised."""
-    report = validate_ir(
-        ir_dir,
-        base_dir,
-        adapter_dirs,
-        prompts_path,
-        weight_format,
-        numerics,
-        tokenizer_dir,
-        trust_remote_code=trust_remote_code,
-    )
-    publish_report(report, model_name)
-    if not report.passed:
-        raise ValidationFailed("validation failed: " + "; ".join(report.failures))
-    return report
 
 
 # What the report depends on beyond its inputs: the runtime it runs the IR on, the torch reference it
@@ -265,11 +217,11 @@ def _validate_key(context: Any, parameters: dict[str, Any]) -> str | None:
         hashlib.sha256(prompts.read_bytes()).hexdigest(),
         parameters["weight_format"],
         parameters["numerics"].to_json(),
-        parameters["model_name"],
+        parameters["publish_as"],
         [str(a) for a in parameters["adapter_dirs"]],
     )
 
 
 validate = task(name="validate", task_run_name="validate", cache_key_fn=_validate_key, persist_result=True)(
-    validate_step
+    validate_ir
 )

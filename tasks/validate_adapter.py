@@ -12,22 +12,11 @@ from modelrepo import ADAPTER_WEIGHTS
 from modelrepo.mapped import released_pages
 from modelrepo.numerics import Numerics
 from tasks.engine import genai_generate, genai_greedy, genai_pipeline
-from tasks.errors import ValidationFailed
-from tasks.gate import bounds_for, log_softmax
+from tasks.gate import log_softmax
 from tasks.loaders import load_tokenizer
 from tasks.logs import step_logger
 from tasks.reference import load_reference
-from tasks.report import (
-    MAX_NEW_TOKENS,
-    Row,
-    ValidationReport,
-    compared,
-    continuation,
-    load_prompts,
-    make_row,
-    publish_report,
-    require_computable,
-)
+from tasks.report import MAX_NEW_TOKENS, Row, Validation, ValidationReport, continuation
 
 
 def validate_runtime_adapter(
@@ -42,6 +31,7 @@ def validate_runtime_adapter(
     *,
     min_changed_fraction: float = 0.5,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    publish_as: str | None = None,
 ) -> ValidationReport:
     """Run the base's IR with the adapter applied at runtime, as the server will (same numerics), and compare.
 
@@ -49,14 +39,14 @@ def validate_runtime_adapter(
     continuation (else the engine's own), one engine step a position, all in one batch (the engine
     returns no full logits), and the log-probability gap of the chosen tokens. Against the base:
     the same pipeline with no adapter, whose prefix cache is off (it is not keyed by adapter).
+    With `publish_as` (the flow's step), the report becomes that adapter's artifacts and a failure raises.
     """
     import openvino_genai
 
     log = step_logger(__name__)
-    computed = require_computable(numerics)
-    prompts = load_prompts(prompts_path)
+    validation = Validation.start("adapter", prompts_path, weight_format, numerics)
+    prompts = validation.prompts
     tokenizer = load_tokenizer(base_dir, tokenizer_dir)
-    tau = bounds_for("adapter", weight_format, numerics.inference_precision).tau
     adapter = openvino_genai.Adapter(str(adapter_dir / ADAPTER_WEIGHTS))
     # The IR's mapped weights released as the engine copies them (modelrepo/mapped.py).
     with released_pages([base_ir / "openvino_model.bin"]):
@@ -97,44 +87,19 @@ def validate_runtime_adapter(
     ):
         logprobs = log_softmax(score.reference)
         gap = max(abs(s - float(logprobs[k, t])) for k, (t, s) in enumerate(zip(top, logp, strict=True)))
-        row = make_row(p, compared(cont, score, tau), np.array(top), base_text, model_text, tau, logprob_gap=gap)
+        row = validation.row(p, cont, score, np.array(top), base_text, model_text, logprob_gap=gap)
         rows.append(row)
         log.info("validated prompt %d/%d: agreement %.3f, log-prob gap %.3g", i, len(prompts), row.agreement, gap)
-    return ValidationReport.of_rows(
-        "adapter",
-        weight_format,
-        numerics,
-        computed,
-        prompts_path,
+    return validation.report(
         rows,
         [],
         min_changed_fraction=min_changed_fraction,
         base_answers="the engine: the base's IR with no adapter",
+        publish_as=publish_as,
     )
-
-
-def validate_adapter_step(
-    base_ir: Path,
-    base_dir: Path,
-    adapter_dir: Path,
-    scale: float,
-    prompts_path: Path,
-    weight_format: str,
-    numerics: Numerics,
-    name: str,
-    tokenizer_dir: Path | None = None,
-) -> ValidationReport:
-    """validate_runtime_adapter, the report published as artifacts, and a failed validation raised."""
-    report = validate_runtime_adapter(
-        base_ir, base_dir, adapter_dir, scale, prompts_path, weight_format, numerics, tokenizer_dir
-    )
-    publish_report(report, name)
-    if not report.passed:
-        raise ValidationFailed("validation failed: " + "; ".join(report.failures))
-    return report
 
 
 # Not cached: it is cheap (seconds), and its inputs include a served folder that may be rolled back.
-validate_adapter = task(name="validate-adapter", task_run_name="validate-{name}", cache_policy=NO_CACHE)(
-    validate_adapter_step
+validate_adapter = task(name="validate-adapter", task_run_name="validate-{publish_as}", cache_policy=NO_CACHE)(
+    validate_runtime_adapter
 )

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 import modelrepo
 from demo.make_sources import DemoSources
 from modelrepo.numerics import default_numerics
 from tasks.export import export_openvino
 from tasks.merge import merge_adapters
+from tasks.report import load_prompts
+
+
+def prompt_texts(*paths: Path) -> list[str]:
+    """The prompts of JSONL prompt sets, in order."""
+    return [p.prompt for path in paths for p in load_prompts(path)]
+
+
+def metric(url: str, name: str, model: str, api_key: str | None = None) -> float:
+    """One per-model figure from a server's /metrics (0 before the model has any)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 import time
@@ -17,7 +16,7 @@ import modelrepo
 from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
 from tests.serving.conftest import Server
-from tests.support import DemoRepository, pinned_manifest, same_greedy_answer
+from tests.support import DemoRepository, metric, pinned_manifest, prompt_texts, same_greedy_answer
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +31,6 @@ def publish_adapter(repo: Path, name: str, source: Path, work: Path, base: str =
     return modelrepo.publish_version(
         repo, name, "adapter", folder, pinned_manifest(), base=base, alpha=config["lora_alpha"] / config["r"]
     )
-
-
-def _prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +66,7 @@ def test_greedy_output_through_the_runtime_adapter_equals_the_merged_model(
     adapter_server: Server, demo_sources: DemoSources
 ) -> None:
     with adapter_server.client() as http:
-        for prompt in [REFERENCE_PROMPT, *_prompts(demo_sources.sql_prompts)]:
+        for prompt in [REFERENCE_PROMPT, *prompt_texts(demo_sources.sql_prompts)]:
             merged = _complete(http, "merged_model", prompt)
             assert same_greedy_answer(_complete(http, "sql_adapter", prompt), merged)
             assert "SELECT" in merged
@@ -83,22 +78,17 @@ def test_greedy_output_through_the_runtime_adapter_equals_the_merged_model(
         assert spell != base and spell != merged
 
 
-def _metric(server: Server, name: str, model: str) -> float:
-    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+]+)$', httpx.get(f"{server.url}/metrics").text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_mixed_concurrent_load_over_base_two_adapters_and_merged_gives_correct_answers(
     adapter_server: Server, demo_sources: DemoSources
 ) -> None:
-    prompts = _prompts(demo_sources.sql_prompts)[:4] + _prompts(demo_sources.spell_prompts)[:2]
+    prompts = prompt_texts(demo_sources.sql_prompts)[:4] + prompt_texts(demo_sources.spell_prompts)[:2]
     models = ("base_model", "sql_adapter", "spell_adapter", "merged_model")
     jobs = [(m, p) for p in prompts for m in models] * 2  # 48 requests from 16 clients
     with adapter_server.client() as http:
         expected = {job: _complete(http, *job) for job in set(jobs)}
     for p in prompts:  # the adapter's exactness holds for every prompt
         assert same_greedy_answer(expected[("sql_adapter", p)], expected[("merged_model", p)])
-    switches = _metric(adapter_server, "lora_serve_adapter_switches_total", "base_model")
+    switches = metric(adapter_server.url, "lora_serve_adapter_switches_total", "base_model")
 
     def ask(job: tuple[str, str]) -> str:
         with adapter_server.client() as http:
@@ -108,7 +98,7 @@ def test_mixed_concurrent_load_over_base_two_adapters_and_merged_gives_correct_a
         answers = list(pool.map(ask, jobs))
     wrong = [(job, got) for job, got in zip(jobs, answers, strict=True) if got != expected[job]]
     assert wrong == []
-    assert _metric(adapter_server, "lora_serve_adapter_switches_total", "base_model") > switches
+    assert metric(adapter_server.url, "lora_serve_adapter_switches_total", "base_model") > switches
 
 
 def test_streaming_through_an_adapter(adapter_server: Server) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,31 +13,18 @@ import pytest
 
 from demo.make_sources import DemoSources
 from tests.serving.conftest import Server
+from tests.support import metric, prompt_texts
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "test-key-4f1c9a"
 
 
-def _prompts(sources: DemoSources, count: int) -> list[str]:
-    lines = [
-        *sources.sql_prompts.read_text(encoding="utf-8").splitlines(),
-        *sources.spell_prompts.read_text(encoding="utf-8").splitlines(),
-    ]
-    assert len(lines) >= count
-    return [json.loads(line)["prompt"] for line in lines[:count]]
-
-
-def _metric(server: Server, name: str, model: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+]+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_16_concurrent_greedy_requests_match_the_same_requests_one_by_one(
     server: Server, demo_sources: DemoSources
 ) -> None:
-    prompts = _prompts(demo_sources, 8)
+    prompts = prompt_texts(demo_sources.sql_prompts, demo_sources.spell_prompts)[:8]
+    assert len(prompts) == 8
     jobs = [(model, prompt) for prompt in prompts for model in ("merged_model", "base_model")]
     assert len(jobs) == 16
 
@@ -58,7 +44,7 @@ def test_16_concurrent_greedy_requests_match_the_same_requests_one_by_one(
 
 
 def test_a_client_that_disconnects_cancels_its_request(server: Server) -> None:
-    before = _metric(server, "lora_serve_cancelled_requests_total", "base_model")
+    before = metric(server.url, "lora_serve_cancelled_requests_total", "base_model", API_KEY)
     body = {"model": "base_model", "prompt": "The city", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with server.client() as http, http.stream("POST", "/v3/completions", json=body) as r:
         lines = r.iter_lines()
@@ -72,14 +58,14 @@ def test_a_client_that_disconnects_cancels_its_request(server: Server) -> None:
             + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         )
         deadline = time.monotonic() + 30
-        while _metric(server, "lora_serve_running_requests", "base_model") < 1:
+        while metric(server.url, "lora_serve_running_requests", "base_model", API_KEY) < 1:
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.01)
     deadline = time.monotonic() + 30
-    while _metric(server, "lora_serve_cancelled_requests_total", "base_model") < before + 2:
+    while metric(server.url, "lora_serve_cancelled_requests_total", "base_model", API_KEY) < before + 2:
         assert time.monotonic() < deadline, "the disconnected requests were not cancelled"
         time.sleep(0.05)
-    while _metric(server, "lora_serve_queue_depth", "base_model") != 0:
+    while metric(server.url, "lora_serve_queue_depth", "base_model", API_KEY) != 0:
         assert time.monotonic() < deadline, "the engine still holds requests"
         time.sleep(0.05)
 
