@@ -64,6 +64,7 @@ STALE_SECONDS = 600.0
 # How long a writer keeps retrying a commit it keeps losing before it gives up (nothing is committed then).
 COMMIT_TIMEOUT_SECONDS = 120.0
 _CHUNK = 8 << 20  # 8 MiB reads when hashing what was uploaded
+DOWNLOADING = ".download-"  # a version being downloaded into a local cache: never a version (no digits-only name)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -75,18 +76,30 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def client(bucket: str, prefix: str) -> S3Store:
+def client(
+    bucket: str, prefix: str, client_options: dict[str, Any] | None = None, retry_config: dict[str, Any] | None = None
+) -> S3Store:
     """An S3Store configured the usual way: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION
-    (read by obstore from the environment), or AWS_PROFILE (credentials and region through boto3)."""
+    (read by obstore from the environment), or AWS_PROFILE (credentials and region through boto3).
+
+    `client_options` and `retry_config` are obstore's (timeouts, retries); None keeps its defaults.
+    """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     options: dict[str, Any] = {"allow_http": True} if endpoint.startswith("http://") else {}
+    options |= client_options or {}
     provider = None
     if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
         import boto3
         from obstore.auth.boto3 import Boto3CredentialProvider
 
         provider = Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
-    return S3Store(bucket, prefix=prefix or None, client_options=options or None, credential_provider=provider)
+    return S3Store(
+        bucket,
+        prefix=prefix or None,
+        client_options=options or None,  # type: ignore[arg-type]
+        retry_config=retry_config,  # type: ignore[arg-type]
+        credential_provider=provider,
+    )
 
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
@@ -160,9 +173,11 @@ class ObjectStore:
         stale_after: float = STALE_SECONDS,
         heartbeat: float = HEARTBEAT_SECONDS,
         commit_timeout: float = COMMIT_TIMEOUT_SECONDS,
+        client_options: dict[str, Any] | None = None,
+        retry_config: dict[str, Any] | None = None,
     ) -> None:
         self.location = url.rstrip("/")
-        self.s3 = client(*parse_url(url))
+        self.s3 = client(*parse_url(url), client_options, retry_config)
         self.stale_after = stale_after
         self.heartbeat = heartbeat
         self.commit_timeout = commit_timeout
@@ -327,10 +342,19 @@ class ObjectStore:
     def locate(self, path: str) -> str:
         return f"{self.location}/{path}"
 
+    def cache_folder(self, cache: Path) -> Path:
+        """Where `local_copy` puts this repository's versions under `cache`: a folder laid out like the repository."""
+        # Keyed by the repository: two buckets may both hold base_model/1, with other weights.
+        return cache / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+
     def local_copy(self, path: str, cache: Path) -> Path:
-        """Download a version into the cache (once: an intact copy of the same manifest is reused), checked."""
-        # Keyed by the repository too: two buckets may both hold base_model/1, with other weights.
-        dest = cache / hashlib.sha256(self.location.encode()).hexdigest()[:16] / path
+        """Download a version into the cache (once: an intact copy of the same manifest is reused), checked.
+
+        The files land in a temporary folder beside the version's and are renamed into place only once
+        every one matches the manifest, so a version in the cache is always whole (DOWNLOADING: the
+        prefix of those folders, which a process killed mid-download leaves behind).
+        """
+        dest = self.cache_folder(cache) / path
         cached = dest / MANIFEST
         try:
             remote = bytes(obstore.get(self.s3, f"{path}/{MANIFEST}").bytes())
@@ -338,7 +362,7 @@ class ObjectStore:
             raise RepositoryError(f"{self.locate(path)} is not a complete version (no {MANIFEST})") from None
         if cached.is_file() and cached.read_bytes() == remote and not verify_version(dest):
             return dest
-        tmp = dest.parent / f"{dest.name}.download-{uuid.uuid4().hex[:8]}"
+        tmp = dest.parent / f"{DOWNLOADING}{dest.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             for rel in self._objects(path):

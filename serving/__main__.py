@@ -1,11 +1,13 @@
 """Serve a model repository over an OpenAI-compatible API.
 
     python -m serving --repository models --host 127.0.0.1 --port 8000 [--api-key-file KEY]
+    python -m serving --repository s3://bucket/models [--cache-dir DIR] [--poll-interval 2]
+        (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or AWS_PROFILE)
 
 Every option also reads an environment variable (LORA_SERVE_REPOSITORY, LORA_SERVE_HOST,
 LORA_SERVE_PORT, LORA_SERVE_API_KEY_FILE or LORA_SERVE_API_KEY, LORA_SERVE_MAX_QUEUE, LORA_SERVE_MAX_NUM_SEQS,
 LORA_SERVE_MAX_BODY_BYTES, LORA_SERVE_MAX_ADAPTER_BYTES, LORA_SERVE_CPU_RUNTIME_CACHE, LORA_SERVE_TIME_SLICE,
-LORA_SERVE_POLL_INTERVAL, LORA_SERVE_LOG_LEVEL);
+LORA_SERVE_POLL_INTERVAL, LORA_SERVE_CACHE_DIR, LORA_SERVE_LOG_LEVEL);
 a flag wins over its variable.
 """
 
@@ -22,6 +24,7 @@ from typing import TypeVar
 
 import uvicorn
 
+from modelrepo import is_object_store
 from serving.app import Settings, create_app
 from serving.engine_core import EngineSettings
 
@@ -50,7 +53,8 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
         epilog="\n".join(__doc__.splitlines()[3:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--repository", type=Path, default=_env("REPOSITORY"), help="the model repository folder")
+    parser.add_argument("--repository", default=_env("REPOSITORY"),
+                        help="the model repository: a folder, or s3://bucket/prefix")
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=_setting("PORT", int, 8000))
     parser.add_argument("--api-key-file", type=Path, default=_env("API_KEY_FILE"),
@@ -69,13 +73,23 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
                         default=_setting("CPU_RUNTIME_CACHE", int, _ENGINE.cpu_runtime_cache),
                         help="OpenVINO's compiled-kernel cache entries (default: OpenVINO's 5000; 0 keeps memory flat)")
     parser.add_argument("--poll-interval", type=float,
-                        default=_setting("POLL_INTERVAL", float, _SERVER["poll_interval"]))
+                        default=_setting("POLL_INTERVAL", float, _SERVER["poll_interval"]),
+                        help="seconds between checks of the index (a conditional GET on a bucket)")
+    parser.add_argument("--cache-dir", type=Path, default=_setting("CACHE_DIR", Path, _SERVER["cache_dir"]),
+                        help="where a bucket's versions are copied to be loaded (one folder per server)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     if args.repository is None:
         parser.error("--repository (or LORA_SERVE_REPOSITORY) is required")
-    if not args.repository.is_dir():
-        parser.error(f"--repository {args.repository} is not a folder")
+    repository: Path | str = args.repository
+    if not is_object_store(repository):
+        if "://" in repository:
+            parser.error(f"--repository {repository}: only folders and s3://bucket/prefix are supported")
+        repository = Path(repository).resolve()
+        if not repository.is_dir():
+            parser.error(f"--repository {args.repository} is not a folder")
+    if not args.poll_interval > 0:
+        parser.error(f"--poll-interval must be positive, got {args.poll_interval}")
     api_key = _env("API_KEY")
     if args.api_key_file is not None:
         try:
@@ -85,10 +99,11 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
         if not api_key:
             parser.error(f"--api-key-file {args.api_key_file} is empty")
     settings = Settings(
-        repository=args.repository.resolve(),
+        repository=repository,
         api_key=api_key or None,
         max_body_bytes=args.max_body_bytes,
         poll_interval=args.poll_interval,
+        cache_dir=args.cache_dir.expanduser().resolve(),
         engine=EngineSettings(
             max_queue=args.max_queue,
             max_num_seqs=args.max_num_seqs,

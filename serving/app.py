@@ -8,6 +8,7 @@ API key), error_handlers.py (every error rendered once), sse.py (streams), disco
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from modelrepo import is_object_store
+from modelrepo.mirror import Mirror
 from serving import health, openapi
 from serving.auth import api_key_guard
 from serving.controllers import ConfigController, OpenAIController, Responder
@@ -28,13 +31,16 @@ from serving.page import page_routes
 from serving.registry import Registry
 from serving.service import Service
 
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-serve"
+
 
 @dataclass(frozen=True)
 class Settings:
-    repository: Path
+    repository: Path | str  # a folder, or s3://bucket/prefix (served from a local copy under cache_dir)
     api_key: str | None = field(default=None, repr=False)  # never printed
     max_body_bytes: int = 4 * 1024 * 1024
     poll_interval: float = 2.0
+    cache_dir: Path = DEFAULT_CACHE
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 
@@ -58,7 +64,11 @@ def create_app(settings: Settings, *, loader: Callable[..., Engine] = load_engin
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        registry = Registry(settings.repository, settings.engine, settings.poll_interval, loader)
+        if is_object_store(settings.repository):
+            mirror = Mirror(str(settings.repository), settings.cache_dir)
+            registry = Registry(mirror.root, settings.engine, settings.poll_interval, loader, mirror)
+        else:
+            registry = Registry(Path(settings.repository), settings.engine, settings.poll_interval, loader)
         metrics = Metrics()
         metrics.watch(registry)
         app.state.registry = registry

@@ -22,12 +22,22 @@ def live() -> dict[str, str]:
 async def ready(registry: NamedDependency[Registry]) -> dict[str, Any]:
     if not registry.ready:
         raise NotReady("the server is still loading its models")
-    return {
+    body: dict[str, Any] = {
         "status": "ready",
         "generation": registry.generation,
         "models": {n: r.entry.version for n, r in sorted(registry.table.items())},
         "failures": {n: {"version": f.version, "error": f.message} for n, f in sorted(registry.failures.items())},
     }
+    mirror = registry.mirror
+    if mirror is not None:  # served from a copy of a bucket: say how current the copy is; stale still serves
+        age = mirror.age()
+        body["store"] = {
+            "location": mirror.location,
+            "stale": mirror.stale,
+            "last_sync_age_seconds": None if age is None else round(age, 3),
+            "error": mirror.error,
+        }
+    return body
 
 
 @get("/metrics", media_type=MediaType.TEXT, sync_to_thread=False)

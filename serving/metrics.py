@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from modelrepo.mirror import Mirror
     from serving.registry import Registry
 
 PREFIX = "lora_serve"
@@ -58,6 +59,23 @@ class _EngineCollector(Collector):
         for state, count in self.registry.engine_counts().items():
             engines.add_metric([state], count)
         yield from (depth, running, loaded, failed, ready, cancelled, switches, engines)
+        if self.registry.mirror is not None:
+            yield from _store_metrics(self.registry.mirror)
+
+
+def _store_metrics(mirror: Mirror) -> Iterator[Metric]:
+    """How current the local copy of a bucket is: what an alert on a replica that lost its store reads."""
+    stale = GaugeMetricFamily(f"{PREFIX}_store_stale", "1 while the last poll of the repository's store failed")
+    stale.add_metric([], 1 if mirror.stale else 0)
+    age = GaugeMetricFamily(
+        f"{PREFIX}_store_last_sync_age_seconds", "Seconds since a poll last reached the store (-1: never)"
+    )
+    seconds = mirror.age()
+    age.add_metric([], -1.0 if seconds is None else seconds)
+    polls = CounterMetricFamily(f"{PREFIX}_store_polls", "Polls of the store's index, by outcome", labels=["outcome"])
+    polls.add_metric(["ok"], mirror.polls - mirror.failed_polls)
+    polls.add_metric(["failed"], mirror.failed_polls)
+    yield from (stale, age, polls)
 
 
 class Metrics:

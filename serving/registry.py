@@ -12,6 +12,11 @@ Changes are noticed by watchfiles on the repository folder (index.json is replac
 every publish, rollback and removal) and, for storage where file events are unreliable, by
 comparing the index's generation number every `poll_interval` seconds. The same poll rebuilds an
 engine whose process died (a crash, the OOM killer): its names answer 503 until it is back.
+
+A repository on an object store is served from a local copy (`modelrepo.mirror.Mirror`): every
+`poll_interval` seconds the mirror asks the store whether its index changed and, if so, downloads
+and checks the new versions and replaces the copy's index; the registry then reloads from the copy
+as from any folder, and the mirror evicts the versions neither the index nor the table uses.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import watchfiles
 
 import modelrepo
 from modelrepo import ADAPTER_WEIGHTS, Entry, Index
+from modelrepo.mirror import Mirror
 from serving.engine import Engine, close_spare, load_engine
 from serving.engine_core import AdapterSpec, EngineSettings
 from serving.errors import ModelNotFound, NotReady
@@ -68,8 +74,10 @@ class Registry:
         settings: EngineSettings,
         poll_interval: float = 2.0,
         loader: Callable[..., Engine] = load_engine,
+        mirror: Mirror | None = None,
     ) -> None:
-        self.repository = repository
+        self.repository = repository  # a folder; with a mirror, its local copy (mirror.root)
+        self.mirror = mirror
         self.loader = loader  # tests of the HTTP layer pass a fake engine's
         self.settings = settings
         self.poll_interval = poll_interval
@@ -89,6 +97,8 @@ class Registry:
 
     async def open(self) -> None:
         """Start loading in the background: the server answers (503 not ready) while the models load."""
+        if self.mirror is not None:
+            self.mirror.open()
         if not self.repository.is_dir():
             raise FileNotFoundError(f"the repository {self.repository} is not a folder")
         self._watcher = asyncio.create_task(self._watch(), name="repository-watcher")
@@ -102,6 +112,8 @@ class Registry:
         self.table = {}
         self._engines = {}
         await asyncio.gather(*(asyncio.to_thread(e.close) for e in engines), asyncio.to_thread(close_spare))
+        if self.mirror is not None:
+            self.mirror.close()
 
     # ---- lookups ----
 
@@ -117,7 +129,12 @@ class Registry:
     # ---- reloading ----
 
     async def reload(self, force: bool = False) -> bool:
-        """Bring the table in line with index.json (`force`: even if its generation is unchanged)."""
+        """Bring the table in line with index.json (`force`: even if its generation is unchanged).
+
+        Forced (POST /v1/config/reload), a bucket's copy is synced first: what the store says now is loaded.
+        """
+        if force and self.mirror is not None:
+            await asyncio.to_thread(self.mirror.sync)
         async with self._lock:
             try:
                 index = await asyncio.to_thread(modelrepo.read_index, self.repository)
@@ -280,9 +297,11 @@ class Registry:
 
     async def _verify(self, entry: Entry) -> list[str]:
         if entry.path not in self._verified:
-            self._verified[entry.path] = await asyncio.to_thread(
-                modelrepo.verify_version, self.repository / entry.path
-            )
+            if self.mirror is not None:  # checked as it was downloaded (or now, if an earlier process did)
+                check = await asyncio.to_thread(self.mirror.problems, entry.path)
+            else:
+                check = await asyncio.to_thread(modelrepo.verify_version, self.repository / entry.path)
+            self._verified[entry.path] = check
         return self._verified[entry.path]
 
     def _fail(self, entry: Entry, message: str) -> None:
@@ -291,6 +310,9 @@ class Registry:
 
     async def _watch(self) -> None:
         """Reload when index.json is replaced; also poll its generation in case file events are lost."""
+
+        if self.mirror is not None:
+            return await self._poll_store(self.mirror)
 
         def is_index(_change: watchfiles.Change, path: str) -> bool:
             return Path(path).name == modelrepo.index.INDEX
@@ -316,6 +338,42 @@ class Registry:
             except Exception as e:  # a vanished folder or a watcher error: poll until it is back
                 log.error("watching %s failed: %s; retrying", self.repository, e)
                 await asyncio.sleep(self.poll_interval)
+
+    async def _poll_store(self, mirror: Mirror) -> None:
+        """Sync the local copy every `poll_interval` seconds; a task of its own reloads from it and evicts.
+
+        Apart, so polls keep their pace, and `stale` its truth, while a large model loads. Ready once
+        there is something to serve: the first sync, or a copy an earlier process left when the store
+        cannot be reached at start (its versions are checked against their manifests again).
+        """
+        wake = asyncio.Event()
+        reloader = asyncio.create_task(self._reload_copy(mirror, wake), name="copy-reloader")
+        try:
+            while True:
+                await asyncio.to_thread(mirror.sync)  # never raises: a failure is the mirror's `error`
+                if mirror.has_index() or not mirror.stale:
+                    wake.set()  # every poll, as the folder's watcher: it also restarts dead engines
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
+
+    async def _reload_copy(self, mirror: Mirror, wake: asyncio.Event) -> None:
+        """Reload from the copy when woken, then evict: never during a load, whose files must stay."""
+        while True:
+            await wake.wait()
+            wake.clear()
+            try:
+                try:
+                    await self.reload()
+                finally:
+                    self.ready = True  # as with a folder: ready after the first load, failed or not
+                async with self._lock:  # not during a reload on demand (POST /v1/config/reload) either
+                    # What the table serves stays too: a failed new version leaves the old one serving.
+                    await asyncio.to_thread(mirror.evict, {r.entry.path for r in self.table.values()})
+            except Exception:  # reported; the next wake tries again
+                log.exception("loading the copy of %s failed", mirror.location)
 
     # ---- reporting ----
 

@@ -3,7 +3,9 @@ one flow work folder and one flow-built base (same inputs share cached steps acr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -110,42 +112,83 @@ S3_ENV = {
 }
 
 
+class S3Server:
+    """tests/s3server.py in a process of its own; `pause` and `resume` make it hang and answer again."""
+
+    def __init__(self) -> None:
+        root = Path(__file__).parents[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.s3server"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"the S3 server did not start: {line!r}")
+        self.endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)  # connections are still accepted, never answered: a hung store
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.process.terminate()
+        self.process.wait(10)
+
+    def new_bucket(self) -> str:
+        return new_bucket(self.endpoint)
+
+
+def new_bucket(endpoint: str) -> str:
+    """A new, empty bucket; returns the repository URL s3://BUCKET/models."""
+    import boto3
+
+    name = f"repo-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}/models"
+
+
+@contextlib.contextmanager
+def _aws_environment(endpoint: str) -> Iterator[None]:
+    """The usual AWS_* variables naming `endpoint`: the code under test and its processes find it as a user's would."""
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": endpoint})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible server (moto, tests/s3server.py) on loopback, and the AWS_* environment naming it.
-
-    The environment is the usual one (AWS_ENDPOINT_URL, keys, region), so the code under test and
-    the processes it starts find the server as a user's would find theirs.
-    """
-    root = Path(__file__).parents[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.s3server"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+    """A real S3-compatible server (moto, tests/s3server.py) on loopback, and the AWS_* environment naming it."""
+    server = S3Server()
     try:
-        line = server.stdout.readline() if server.stdout else ""
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"the S3 server did not start: {line!r}")
-        endpoint = f"http://127.0.0.1:{int(line.split()[1])}"
-        saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-        os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": endpoint})
-        try:
-            yield endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with _aws_environment(server.endpoint):
+            yield server.endpoint
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
+
+
+@pytest.fixture
+def own_s3() -> Iterator[S3Server]:
+    """An S3 server of the test's own, which it may pause; the AWS_* environment names it during the test."""
+    server = S3Server()
+    try:
+        with _aws_environment(server.endpoint):
+            yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
 def bucket(s3_endpoint: str) -> str:
     """A new, empty bucket on the test S3 server; returns the repository URL s3://BUCKET/models."""
-    import boto3
-
-    name = f"repo-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}/models"
+    return new_bucket(s3_endpoint)

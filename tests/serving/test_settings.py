@@ -38,3 +38,21 @@ def test_a_missing_repository_or_empty_key_file_is_a_usage_error(
     with pytest.raises(SystemExit):
         parse(["--repository", str(tmp_path), "--api-key-file", str(tmp_path / "empty")])
     assert "is empty" in capsys.readouterr().err
+
+
+def test_a_bucket_repository_is_kept_as_a_url_with_its_cache_folder_and_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LORA_SERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_SERVE_POLL_INTERVAL", "5")
+    _, settings = parse(["--repository", "s3://bucket/models"])
+    assert settings.repository == "s3://bucket/models"
+    assert settings.cache_dir == (tmp_path / "cache").resolve() and settings.poll_interval == 5.0
+    _, settings = parse(["--repository", "s3://bucket/models", "--cache-dir", str(tmp_path / "c2"), "--poll-interval",
+                         "0.5"])
+    assert settings.cache_dir == (tmp_path / "c2").resolve() and settings.poll_interval == 0.5
+    for bad, message in ((["--repository", "gs://bucket/models"], "only folders and s3://"),
+                         (["--repository", "s3://b/m", "--poll-interval", "0"], "--poll-interval must be positive")):
+        with pytest.raises(SystemExit):
+            parse(bad)
+        assert message in capsys.readouterr().err
