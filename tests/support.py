@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,14 @@ from tasks.report import load_prompts
 def prompt_texts(*paths: Path) -> list[str]:
     """The prompts of JSONL prompt sets, in order."""
     return [p.prompt for path in paths for p in load_prompts(path)]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "the condition") -> None:
+    """Poll `condition` every 0.1 s until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def metric(url: str, name: str, model: str, api_key: str | None = None) -> float:

@@ -30,18 +30,11 @@ from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
 from modelrepo.index import write_atomic
 from tests.hardening.conftest import ROOT, Server, free_port, greedy, ready_models, tree_digest, version_source
-from tests.support import DemoRepository
+from tests.support import DemoRepository, wait_for
 
 pytestmark = pytest.mark.slow
 
 LIVE = {"base_model": 1, "merged_model": 1}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def live_versions_verify(repository: Path) -> None:
