@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.ops.cli import ROOT, prefect_cli
+from tests.serving.conftest import start_server  # noqa: F401  (servers on demand, for the ops tests too)
 
 CODE = ["flows", "tasks", "modelrepo", "demo", "prefect.yaml"]
 POOLS = ["lora-builds", "lora-remote-builds"]  # the process pools prefect.yaml's deployments name

@@ -1,4 +1,5 @@
-"""A build on another machine: a worker with no checkout clones the code, builds and publishes into a bucket."""
+"""A build on another machine: a worker with no checkout clones the code and publishes into a bucket, which a
+server on a third host serves from."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 import modelrepo
 from tests.ops.cli import ROOT, prefect_cli, run_deployment, state_and_artifacts
+from tests.serving.conftest import Server
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +56,17 @@ def _worker_machine(root: Path, api_url: str) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
-async def test_a_remote_worker_clones_the_code_and_publishes_into_the_bucket(
-    deployed: tuple[Path, dict], code_repository: str, bucket: str, tmp_path: Path
+def _served(server: Server) -> dict[str, int]:
+    return httpx.get(f"{server.url}/v2/health/ready", timeout=10).json()["models"]
+
+
+async def test_a_remote_worker_publishes_into_the_bucket_and_a_server_on_it_serves_the_version(
+    deployed: tuple[Path, dict], code_repository: str, bucket: str, start_server, tmp_path: Path
 ) -> None:
     project, env = deployed
+    # The server reads the bucket only (into a cache folder of its own); it starts before anything is published.
+    server = start_server(bucket, "--cache-dir", str(tmp_path / "server-cache"))
+    assert _served(server) == {}
     prefect_cli(["variable", "set", "lora_code_repository", code_repository, "--overwrite"], project, env)
     worker_dir, worker_env = _worker_machine(tmp_path / "worker", env["PREFECT_API_URL"])
     # What the worker has is what its pull step clones: the checkout's packages do not import there.
@@ -77,3 +88,9 @@ async def test_a_remote_worker_clones_the_code_and_publishes_into_the_bucket(
     assert store.verify_version(entry.path) == []
     manifest = store.read_manifest(entry.path)
     assert manifest["build"]["flow_run"] == run_id and manifest["validation"]["passed"]
+
+    # The running server picks the version up from the bucket and answers from it.
+    wait_for(lambda: _served(server).get("base_model") == 1, timeout=120, what="base_model 1 on the server")
+    with server.client() as http:
+        r = http.post("/v3/completions", json={"model": "base_model", "prompt": "SELECT", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["system_fingerprint"] == "base_model/1", r.text
