@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -56,6 +57,8 @@ from modelrepo.manifest import MANIFEST, _files, hash_files, manifest_body, veri
 from modelrepo.numerics import pinned
 from modelrepo.ovms import CONFIG, GRAPH, config_text, graph_text
 from modelrepo.store import NewVersion, Snapshot
+
+log = logging.getLogger(__name__)
 
 CLAIM = ".publishing"
 HEARTBEAT_SECONDS = 30.0
@@ -466,11 +469,28 @@ class ObjectStore:
                 p = found[number]
                 # A version whose claim is fresh is about to be committed by its publisher: not ours to remove.
                 claimed = p.claim is not None and (now - p.claim_modified).total_seconds() <= self.stale_after
-                if number not in live and not claimed:
-                    # The manifest first: from then on the prefix is not a version, and a dead one if interrupted.
-                    manifest = f"{name}/{number}/{MANIFEST}"
-                    obstore.delete(self.s3, manifest)
-                    self._delete([k for k in p.keys if k != manifest], last=p.claim)
+                if number not in live and not claimed and self._unversion(name, number):
+                    self._delete([k for k in p.keys if k != f"{name}/{number}/{MANIFEST}"], last=p.claim)
                     removed.append(f"{name}/{number}")
         return removed
+
+    def _unversion(self, name: str, number: int) -> bool:
+        """Delete a version's manifest (from then on the prefix is no version), unless a rollback names it meanwhile.
+
+        Nothing locks the index against a rollback between reading it and deleting: so the manifest goes first,
+        the index is read again, and a version it now names gets its manifest back. A rollback checks the
+        version after its own commit (modelrepo.publish.rollback): whichever of the two comes second sees the other.
+        """
+        manifest = f"{name}/{number}/{MANIFEST}"
+        try:
+            body = bytes(obstore.get(self.s3, manifest).bytes())
+        except FileNotFoundError:
+            return True
+        obstore.delete(self.s3, manifest)
+        entry = self.snapshot().index.entries.get(name)
+        if entry is not None and entry.version == number:
+            obstore.put(self.s3, manifest, body)
+            log.warning("%s/%s: rolled back to while it was being removed; kept", self.location, manifest)
+            return False
+        return True
 

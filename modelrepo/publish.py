@@ -252,11 +252,24 @@ def rollback(repository: str | os.PathLike[str] | Store, name: str, version: int
         )
         if not store.has_version(entry.path):
             raise RepositoryError(f"{entry.path} is not a complete version folder in {store.location}")
-        chosen[:] = [entry]
+        chosen[:] = [entry, current]
         return index.with_entry(entry)
 
     store.update_index(change)
-    return chosen[0]
+    entry, previous = chosen
+    # A retention sweep on an object store (no lock) may have removed the version between the check above
+    # and the commit; it checks the index again after removing a manifest (ObjectStore._unversion), and this
+    # checks the version after the commit: whichever comes second sees the other.
+    if not store.has_version(entry.path):
+
+        def undo(index: Index) -> Index:
+            return index.with_entry(previous) if index.entries.get(name) == entry else index
+
+        store.update_index(undo)
+        raise RepositoryError(
+            f"{entry.path} was removed by a retention sweep while rolling back to it; {previous.path} stays live"
+        )
+    return entry
 
 
 def remove_entry(repository: str | os.PathLike[str] | Store, name: str) -> None:

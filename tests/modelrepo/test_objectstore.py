@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -18,7 +19,9 @@ from botocore.exceptions import ClientError
 
 import modelrepo
 from modelrepo import RepositoryError, read_index
+from modelrepo.index import Index
 from modelrepo.objectstore import CLAIM, ObjectStore, parse_url
+from modelrepo.store import Snapshot
 
 ROOT = Path(__file__).parents[2]
 
@@ -274,3 +277,52 @@ def test_a_publisher_whose_claim_was_swept_stops_before_its_manifest(bucket: str
     finally:
         claim.release()
     assert _keys(bucket) == []  # a lost claim is not written again
+
+
+class _RollbackDuringSweep(ObjectStore):
+    """A sweep whose index read is followed at once by another client's rollback (no lock orders the two)."""
+
+    def __init__(self, url: str, rollback_to: int) -> None:
+        super().__init__(url)
+        self.rollback_to: int | None = rollback_to
+
+    def snapshot(self) -> Snapshot:
+        seen = super().snapshot()
+        if self.rollback_to is not None:
+            target, self.rollback_to = self.rollback_to, None
+            modelrepo.rollback(self.location, "m", target)
+        return seen
+
+
+class _SweepDuringRollback(ObjectStore):
+    """A rollback whose commit is followed at once by a retention sweep removing the version it names."""
+
+    def update_index(self, change: Callable[[Index], Index]) -> Index:
+        committed = super().update_index(change)
+        entry = committed.entries["m"]
+        if entry.version == 2:
+            obstore.delete(self.s3, f"{entry.path}/manifest.json")  # the sweep's first delete
+        return committed
+
+
+def _three_versions(bucket: str, tmp_path: Path) -> None:
+    for i in range(3):
+        modelrepo.publish_version(bucket, "m", "base", _ir(tmp_path / f"ir{i}", str(i)), {}, retention=3)
+
+
+def test_a_sweep_keeps_a_version_a_rollback_names_while_it_removes_it(bucket: str, tmp_path: Path) -> None:
+    _three_versions(bucket, tmp_path)
+    store = _RollbackDuringSweep(bucket, rollback_to=2)
+    assert store.sweep("m", retention=1) == ["m/1"]  # read the index naming 3, then the rollback to 2 landed
+    assert read_index(bucket).entries["m"].version == 2
+    assert store.versions("m") == [2, 3]
+    assert store.verify_version("m/2") == []  # whole, its manifest put back
+
+
+def test_a_rollback_whose_version_a_sweep_removed_meanwhile_leaves_the_live_version(
+    bucket: str, tmp_path: Path
+) -> None:
+    _three_versions(bucket, tmp_path)
+    with pytest.raises(RepositoryError, match="removed by a retention sweep while rolling back"):
+        modelrepo.rollback(_SweepDuringRollback(bucket), "m", 2)
+    assert read_index(bucket).entries["m"].version == 3
