@@ -40,12 +40,7 @@ LOCK = ".mirror.lock"
 # A poll must fail fast when the store is down (obstore's defaults retry for up to 3 minutes).
 POLL_CLIENT: dict[str, Any] = {"connect_timeout": timedelta(seconds=2), "timeout": timedelta(seconds=5)}
 POLL_RETRY: dict[str, Any] = {"max_retries": 1, "retry_timeout": timedelta(seconds=5)}
-# A download may take long (GBs), but not stall: no overall limit to speak of, 30 s at most between reads.
-DOWNLOAD_CLIENT: dict[str, Any] = {
-    "connect_timeout": timedelta(seconds=5),
-    "timeout": timedelta(hours=6),
-    "read_timeout": timedelta(seconds=30),
-}
+# Downloads use the store's transfer timeouts (objectstore.TRANSFER_CLIENT); a stalled one is retried a few times.
 DOWNLOAD_RETRY: dict[str, Any] = {"max_retries": 3, "retry_timeout": timedelta(seconds=60)}
 
 
@@ -53,7 +48,7 @@ class Mirror:
     """Keeps `root`, a local folder, in step with the repository at `url` (s3://bucket/prefix)."""
 
     def __init__(self, url: str, cache: Path) -> None:
-        self.store = ObjectStore(url, client_options=DOWNLOAD_CLIENT, retry_config=DOWNLOAD_RETRY)
+        self.store = ObjectStore(url, retry_config=DOWNLOAD_RETRY)
         self.poller = ObjectStore(url, client_options=POLL_CLIENT, retry_config=POLL_RETRY)
         self.location = self.store.location
         self.cache = cache

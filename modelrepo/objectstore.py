@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +79,27 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+# obstore's default 30 s timeout covers a whole response, body included: a multi-GB upload, read-back or
+# download would fail. A transfer may take long, but not stall: 30 s at most between reads.
+TRANSFER_CLIENT: dict[str, Any] = {
+    "connect_timeout": timedelta(seconds=5),
+    "timeout": timedelta(hours=6),
+    "read_timeout": timedelta(seconds=30),
+}
+
+
 def client(
     bucket: str, prefix: str, client_options: dict[str, Any] | None = None, retry_config: dict[str, Any] | None = None
 ) -> S3Store:
     """An S3Store configured the usual way: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION
     (read by obstore from the environment), or AWS_PROFILE (credentials and region through boto3).
 
-    `client_options` and `retry_config` are obstore's (timeouts, retries); None keeps its defaults.
+    `client_options` and `retry_config` are obstore's (timeouts, retries); None: TRANSFER_CLIENT's timeouts,
+    obstore's retries.
     """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     options: dict[str, Any] = {"allow_http": True} if endpoint.startswith("http://") else {}
-    options |= client_options or {}
+    options |= TRANSFER_CLIENT if client_options is None else client_options
     provider = None
     if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
         import boto3
