@@ -40,6 +40,11 @@ def heartbeat(log: logging.Logger | logging.LoggerAdapter[Any], what: str, every
         log.info("%s took %.1f s", what, time.monotonic() - start)
 
 
+def artifact_key(key: str) -> str:
+    """A Prefect artifact key from any name: lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in key.lower())
+
+
 class Progress:
     """A Prefect progress artifact that a flow moves along its steps, and each step's wall time and peak memory."""
 
@@ -49,7 +54,7 @@ class Progress:
         from tasks.resources import StageMeter
 
         self.what, self.steps, self.done = what, steps, 0
-        self.key = "".join(c if c.isalnum() else "-" for c in key.lower())  # artifact keys: lowercase, dashes
+        self.key = artifact_key(key)
         self.id = create_progress_artifact(0.0, description=f"{what}: {steps[0]}")
         self.meter = StageMeter()
 

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 import modelrepo
 from modelrepo.numerics import Numerics
-from tasks.logs import step_logger
+from tasks.logs import artifact_key, step_logger
 from tasks.workdir import input_key
 
 REPORT = "validation.md"  # the validation report, beside the manifest in every version
@@ -122,7 +122,7 @@ def announce(
 
     name = published.name
     validation = manifest.get("validation", {})
-    key = "published-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+    key = artifact_key("published-" + name)
     where = published.path
     create_link_artifact(
         where.resolve().as_uri() if isinstance(where, Path) else where,

@@ -14,6 +14,7 @@ import numpy as np
 from modelrepo.numerics import Numerics, capabilities, effective
 from tasks.errors import PipelineError, SourceError, ValidationFailed
 from tasks.gate import Bounds, bounds_for, exact_match, margin_disagreements, p99, token_f1
+from tasks.logs import artifact_key
 from tasks.reference import Scores
 
 # The shipped default prompt set: the reference demo's SQL prompt and five more in its format.
@@ -431,6 +432,6 @@ def publish_report(report: ValidationReport, name: str) -> None:
     """The report as Prefect artifacts under stable keys, so the UI keeps their history."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    key = "validation-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+    key = artifact_key("validation-" + name)
     create_markdown_artifact(report.markdown(name), key=key, description=f"validation of {name}")
     create_table_artifact(report.table(), key=key + "-table", description=f"validation of {name}: per prompt")

@@ -7,7 +7,6 @@ early where this CPU cannot compute them.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from tasks.reference import load_reference
 from tasks.report import MAX_NEW_TOKENS, Row, Validation, ValidationReport, continuation
 from tasks.resources import compiled_bytes_per_parameter, weights_size
 from tasks.stream_merge import NotStreamable, StreamPlan, plan_stream_merge
-from tasks.workdir import Step
+from tasks.workdir import Step, file_digest
 
 
 def subtractable_scales(plan: StreamPlan, adapter_dirs: list[Path]) -> dict[Path, float] | str:
@@ -214,7 +213,7 @@ def _validate_key(context: Any, parameters: dict[str, Any]) -> str | None:
         return None
     return "validate-" + VALIDATE.key(
         str(ir_dir.resolve()),
-        hashlib.sha256(prompts.read_bytes()).hexdigest(),
+        file_digest(prompts),
         parameters["weight_format"],
         parameters["numerics"].to_json(),
         parameters["publish_as"],

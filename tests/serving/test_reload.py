@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import modelrepo
 from demo.data import REFERENCE_PROMPT
 from tests.serving.conftest import Server, version_source
-from tests.support import DemoRepository
+from tests.support import DemoRepository, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reload_server(start_server, demo_repository: DemoRepository, tmp_path_factory: pytest.TempPathFactory) -> Server:
     return start_server(demo_repository.copy_to(tmp_path_factory.mktemp("reload-repo")))
-
-
-def _wait_for(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _live(server: Server) -> dict[str, int]:
@@ -67,12 +59,12 @@ def test_publishing_under_load_switches_versions_with_no_failed_request(reload_s
     for c in clients:
         c.start()
     try:
-        _wait_for(lambda: sum(seen.values()) >= 8, "the first answers")
+        wait_for(lambda: sum(seen.values()) >= 8, 30, "the first answers")
         entry = modelrepo.publish_version(
             repo, "merged_model", "merged", version_source(repo, "merged_model", tmp_path / "ir"), {"built_by": "test"}
         )
         assert entry.version == before + 1
-        _wait_for(lambda: seen[entry.path] >= 8, "answers from the new version")
+        wait_for(lambda: seen[entry.path] >= 8, 30, "answers from the new version")
     finally:
         stop.set()
         for c in clients:
@@ -81,9 +73,10 @@ def test_publishing_under_load_switches_versions_with_no_failed_request(reload_s
     assert seen[f"merged_model/{before}"] > 0 and seen[entry.path] > 0
     assert _live(reload_server)["merged_model"] == entry.version
     # the old version's pipeline is released once its last request is done
-    _wait_for(lambda: 'lora_serve_engines{state="retiring"} 0.0' in httpx.get(f"{reload_server.url}/metrics").text,
-              "the old engine's release")
-    assert 'lora_serve_engines{state="live"} 2.0' in httpx.get(f"{reload_server.url}/metrics").text
+    metrics = f"{reload_server.url}/metrics"
+    retired = 'lora_serve_engines{state="retiring"} 0.0'
+    wait_for(lambda: retired in httpx.get(metrics).text, 30, "the old engine's release")
+    assert 'lora_serve_engines{state="live"} 2.0' in httpx.get(metrics).text
 
 
 def test_a_version_that_fails_to_load_is_reported_and_the_old_one_keeps_serving(
@@ -98,7 +91,7 @@ def test_a_version_that_fails_to_load_is_reported_and_the_old_one_keeps_serving(
     def reported() -> bool:
         return "merged_model" in httpx.get(f"{reload_server.url}/v2/health/ready").json()["failures"]
 
-    _wait_for(reported, "the failure in readiness")
+    wait_for(reported, 30, "the failure in readiness")
     with reload_server.client() as http:
         ready = http.get("/v2/health/ready")
         assert ready.status_code == 200
@@ -129,8 +122,8 @@ def test_a_tampered_version_fails_verification_and_is_not_served(reload_server: 
     version = max(int(p.name) for p in (repo / "base_model").iterdir() if p.name.isdigit()) + 1
     shutil.copytree(private / entry.path, repo / "base_model" / str(version))
     modelrepo.commit_entry(repo, modelrepo.Entry("base_model", "base", version))
-    _wait_for(lambda: "base_model" in httpx.get(f"{reload_server.url}/v2/health/ready").json()["failures"],
-              "the verification failure")
+    ready = f"{reload_server.url}/v2/health/ready"
+    wait_for(lambda: "base_model" in httpx.get(ready).json()["failures"], 30, "the verification failure")
     failure = httpx.get(f"{reload_server.url}/v2/health/ready").json()["failures"]["base_model"]
     assert "sha256" in failure["error"]
     assert _live(reload_server)["base_model"] == live
@@ -143,10 +136,10 @@ def test_new_names_appear_and_removed_names_disappear(reload_server: Server, tmp
         repo, "sql_copy", "merged", version_source(repo, "merged_model", tmp_path / "ir"), {"built_by": "test"}
     )
     with reload_server.client() as http:
-        _wait_for(lambda: "sql_copy" in {m["id"] for m in http.get("/v3/models").json()["data"]}, "the new name")
+        wait_for(lambda: "sql_copy" in {m["id"] for m in http.get("/v3/models").json()["data"]}, 30, "the new name")
         r = http.post("/v3/completions", json={"model": "sql_copy", "prompt": REFERENCE_PROMPT, "max_tokens": 8})
         assert r.status_code == 200 and "SELECT" in r.json()["choices"][0]["text"]
         modelrepo.remove_entry(repo, "sql_copy")
-        _wait_for(lambda: "sql_copy" not in {m["id"] for m in http.get("/v3/models").json()["data"]}, "the removal")
+        wait_for(lambda: "sql_copy" not in {m["id"] for m in http.get("/v3/models").json()["data"]}, 30, "the removal")
         r = http.post("/v3/completions", json={"model": "sql_copy", "prompt": "x"})
         assert r.status_code == 404

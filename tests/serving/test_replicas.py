@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,10 @@ import modelrepo.objectstore
 from demo.data import REFERENCE_PROMPT
 from tests.conftest import S3Server
 from tests.serving.conftest import Server, version_source
-from tests.support import DemoRepository, pinned_manifest
+from tests.support import DemoRepository, pinned_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 POLL_INTERVAL = 2.0  # the server's default
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _ready(server: Server) -> dict[str, Any]:
@@ -110,11 +103,11 @@ def test_a_replica_serves_a_bucket_from_a_checked_local_copy_and_follows_its_pub
         assert r.json()["system_fingerprint"] == "merged_model/1"
 
         entry = _publish(published_bucket, demo_repository, "merged_model", tmp_path)
-        _wait_for(lambda: _ready(server)["models"]["merged_model"] == entry.version, "the new version")
+        wait_for(lambda: _ready(server)["models"]["merged_model"] == entry.version, 120, "the new version")
         r = http.post("/v3/completions", json={"model": "merged_model", "prompt": REFERENCE_PROMPT, "max_tokens": 16})
         assert r.status_code == 200 and r.json()["system_fingerprint"] == entry.path
         # The copy holds what is served, each version checked; the replaced version is evicted once unused.
-        _wait_for(lambda: not (copy / "merged_model" / "1").exists(), "the eviction of merged_model/1")
+        wait_for(lambda: not (copy / "merged_model" / "1").exists(), 120, "the eviction of merged_model/1")
         assert sorted(p.name for p in (copy / "merged_model").iterdir()) == [str(entry.version)]
         assert [modelrepo.verify_version(copy / path) for path in (entry.path, "base_model/1")] == [[], []]
         metrics = http.get("/metrics").text
@@ -123,7 +116,7 @@ def test_a_replica_serves_a_bucket_from_a_checked_local_copy_and_follows_its_pub
         # A version whose files in the bucket are not what its manifest says: reported, never copied, not served.
         tampered = _tampered_copy(published_bucket, entry.path, f"merged_model/{entry.version + 1}")
         modelrepo.commit_entry(published_bucket, modelrepo.Entry("merged_model", "merged", tampered))
-        _wait_for(lambda: "merged_model" in _ready(server)["failures"], "the failure in readiness")
+        wait_for(lambda: "merged_model" in _ready(server)["failures"], 120, "the failure in readiness")
         failure = _ready(server)["failures"]["merged_model"]
         assert failure["version"] == tampered and "sha256 differs from the manifest" in failure["error"]
         assert not (copy / "merged_model" / str(tampered)).exists()
@@ -157,12 +150,12 @@ def test_a_replica_keeps_serving_while_its_store_is_down_says_it_is_stale_and_ca
     own_s3.pause()
     try:
         with Load([server], threads_per_server=2) as load:
-            _wait_for(lambda: _ready(server)["store"]["stale"], "readiness to say the store is stale")
+            wait_for(lambda: _ready(server)["store"]["stale"], 120, "readiness to say the store is stale")
             ready = _ready(server)
             assert ready["status"] == "ready" and ready["models"] == {"merged_model": 1} and ready["store"]["error"]
             assert "lora_serve_store_stale 1.0" in httpx.get(f"{server.url}/metrics").text
             during = load.answers()
-            _wait_for(lambda: load.answers() >= during + 8, "answers while the store is down")
+            wait_for(lambda: load.answers() >= during + 8, 120, "answers while the store is down")
         assert load.failures == []
         # Restarted while the store is still down, a replica serves the copy it has (checked again: it did not
         # download it), and says it is stale.
@@ -175,10 +168,10 @@ def test_a_replica_keeps_serving_while_its_store_is_down_says_it_is_stale_and_ca
     finally:
         own_s3.resume()
     with Load([server], threads_per_server=2) as load:
-        _wait_for(lambda: load.seen[first.path] >= 4, "answers from the copy")
+        wait_for(lambda: load.seen[first.path] >= 4, 120, "answers from the copy")
         entry = _publish(bucket, demo_repository, "merged_model", tmp_path)
-        _wait_for(lambda: _ready(server)["models"]["merged_model"] == entry.version, "the catch-up")
-        _wait_for(lambda: load.seen[entry.path] >= 4, "answers from the new version")
+        wait_for(lambda: _ready(server)["models"]["merged_model"] == entry.version, 120, "the catch-up")
+        wait_for(lambda: load.seen[entry.path] >= 4, 120, "answers from the new version")
     assert load.failures == []
     assert _ready(server)["store"]["stale"] is False
     assert "lora_serve_store_stale 0.0" in httpx.get(f"{server.url}/metrics").text
@@ -241,7 +234,7 @@ def test_a_replica_started_while_a_publish_is_in_progress_serves_the_committed_v
         paused_upload.go.set()
         publisher.join()
     assert errors == [] and published[0].version == first.version + 1
-    _wait_for(lambda: _ready(server)["models"]["merged_model"] == published[0].version, "the new version")
+    wait_for(lambda: _ready(server)["models"]["merged_model"] == published[0].version, 120, "the new version")
     r = httpx.post(f"{server.url}/v3/completions", json={"model": "merged_model", "prompt": REFERENCE_PROMPT},
                    timeout=60)
     assert r.status_code == 200 and r.json()["system_fingerprint"] == published[0].path
@@ -257,7 +250,7 @@ def test_three_replicas_under_load_converge_on_a_publish_with_no_failed_request(
     ]
     converged: dict[str, float] = {}
     with Load(replicas) as load:
-        _wait_for(lambda: load.seen[first.path] >= 6, "answers from every replica")
+        wait_for(lambda: load.seen[first.path] >= 6, 120, "answers from every replica")
         entry = _publish(bucket, demo_repository, "merged_model", tmp_path)
         committed = time.monotonic()  # the index names the new version from here on
 
@@ -267,9 +260,9 @@ def test_three_replicas_under_load_converge_on_a_publish_with_no_failed_request(
                     converged[r.url] = time.monotonic() - committed
             return len(converged) == len(replicas)
 
-        _wait_for(all_switched, "all three replicas on the new version")
+        wait_for(all_switched, 120, "all three replicas on the new version")
         before = load.seen[entry.path]
-        _wait_for(lambda: load.seen[entry.path] >= before + 6, "answers from the new version")
+        wait_for(lambda: load.seen[entry.path] >= before + 6, 120, "answers from the new version")
     assert load.failures == []
     for r in replicas:
         answer = httpx.post(f"{r.url}/v3/completions", json={"model": "merged_model", "prompt": REFERENCE_PROMPT},
