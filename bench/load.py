@@ -108,6 +108,8 @@ class InProcessEngine:
         # The version's pinned numerics, as the server applies them: both sides of a ratio compute alike.
         self.numerics = read_model_info(folder).numerics or default_numerics()
         properties: dict[str, Any] = dict(engine_properties(self.numerics))
+        if defaults.cpu_runtime_cache is not None:  # the server's kernel cache setting too
+            properties["CPU_RUNTIME_CACHE_CAPACITY"] = defaults.cpu_runtime_cache
         self.adapters: list[Any] = []
         if adapters:
             config = ov_genai.AdapterConfig()

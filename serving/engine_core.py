@@ -48,10 +48,11 @@ class EngineSettings:
     max_num_batched_tokens: int = 256  # per step; split-fuse prefill (measured: larger gave nothing)
     time_slice: float = 0.5  # seconds an adapter group keeps admitting while another group waits
     max_adapter_bytes: int = 1 << 30  # an adapter_model.safetensors above this is refused at load
-    # OpenVINO CPU's cache of compiled kernels per input shape (its default holds 5000): memory grows
-    # with every new batch shape until it is full. 0 keeps memory flat at about 20% of tiny-model
-    # throughput (measured: 11.5 k against 9.2 k tokens/s, 16 requests); None keeps OpenVINO's default.
-    cpu_runtime_cache: int | None = None
+    # OpenVINO CPU's cache of compiled kernels per input shape (its own default holds 5000): memory grows
+    # with every new batch shape until it is full (+30% RSS in 70 s of tests/hardening/test_load.py).
+    # Off, memory stays flat (+2.7%) for a throughput within noise on the tiny model and 0.95 on the
+    # 135M benchmark model at 16 clients (2026-12-04, bench/ANALYSIS.md). None: OpenVINO's default.
+    cpu_runtime_cache: int | None = 0
 
 
 @dataclass(frozen=True)
