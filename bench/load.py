@@ -27,6 +27,8 @@ class Outcome:
     error: str | None = None
     text: str = ""
     retried: bool = False
+    sent: float = 0.0  # wall clock (time.time()) when the request was sent
+    fingerprint: str | None = None  # the answer's system_fingerprint: the version that answered, "name/version"
 
 
 @dataclass
@@ -200,17 +202,18 @@ async def stream_one(client: Any, url: str, body: dict[str, Any]) -> Outcome:
     """
     import httpx
 
-    t = time.perf_counter()
+    t, sent = time.perf_counter(), time.time()
     try:
         async with client.stream("POST", url, json=body) as response:
-            return await _read_stream(response, t)
+            outcome = await _read_stream(response, t)
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
         outcome = await _stream_once(client, url, body, time.perf_counter())
         outcome.retried = True
         outcome.latency = time.perf_counter() - t
-        return outcome
     except Exception as e:  # a dropped connection is a failed request, counted, not a crashed benchmark
-        return Outcome(None, 0, time.perf_counter() - t, f"{type(e).__name__}: {e}")
+        outcome = Outcome(None, 0, time.perf_counter() - t, f"{type(e).__name__}: {e}")
+    outcome.sent = sent
+    return outcome
 
 
 async def _stream_once(client: Any, url: str, body: dict[str, Any], t: float) -> Outcome:
@@ -225,6 +228,7 @@ async def _read_stream(response: Any, t: float) -> Outcome:
     ttft: float | None = None
     tokens = 0
     text: list[str] = []
+    fingerprint: str | None = None
     if response.status_code != 200:
         detail = (await response.aread()).decode(errors="replace")[:200]
         return Outcome(None, 0, time.perf_counter() - t, f"HTTP {response.status_code}: {detail}")
@@ -236,6 +240,7 @@ async def _read_stream(response: Any, t: float) -> Outcome:
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
+            fingerprint = fingerprint or chunk.get("system_fingerprint")
             if "error" in chunk:
                 error = f"error frame: {chunk['error'].get('message')}"
                 return Outcome(ttft, tokens, time.perf_counter() - t, error)
@@ -248,7 +253,7 @@ async def _read_stream(response: Any, t: float) -> Outcome:
                 tokens = chunk["usage"]["completion_tokens"]
     except Exception as e:  # a stream cut mid-way is a failed request, counted, not a crashed benchmark
         return Outcome(ttft, tokens, time.perf_counter() - t, f"{type(e).__name__}: {e}")
-    return Outcome(ttft, tokens, time.perf_counter() - t, None, "".join(text))
+    return Outcome(ttft, tokens, time.perf_counter() - t, None, "".join(text), fingerprint=fingerprint)
 
 
 async def http_load(

@@ -86,6 +86,9 @@ async def _reload_under_load(
                 probe_tasks.append(asyncio.create_task(probe(time.time())))
             if swapped is None and (await client.get(READY)).json()["generation"] != generation:
                 swapped = time.time()
+                # One probe at once, whatever is in flight: those were sent to the old engine, which now drains
+                # at a lower priority, and the next probe would wait for them.
+                probe_tasks.append(asyncio.create_task(probe(time.time())))
             await asyncio.sleep(PROBE_EVERY_S)
             new = [p[1] for p in probes if p[2] == V2_TOKENS]
             if new:
@@ -99,12 +102,21 @@ async def _reload_under_load(
         await asyncio.gather(*workers, *probe_tasks)
     steady.wall, during.wall = STEADY_S, t_stop - t_publish
     probe_failures = [p[3] for p in probes if p[3]]
+    # The clients' own requests, by the version their answer names: when the new version's first token and
+    # first whole answer reached any client (the probes say when a request sent at the swap is answered).
+    new = [o for o in during.outcomes if o.fingerprint == f"{model}/{entry.version}" and o.ttft is not None]
+    first_token = min((o.sent + o.ttft for o in new if o.ttft is not None), default=None)
+    first_whole = min((o.sent + o.latency for o in new if o.error is None), default=None)
     return {
         "version": entry.version,
         "publish_s": round(t_commit - t_publish, 2),  # copying and hashing the version folder, then the commit
         "commit_to_first_answer_s": None if first_new is None else round(first_new - t_commit, 3),
         # Detection (watchfiles, or the poll), verifying the manifest's hashes, loading the engine, the swap:
         "commit_to_routing_swap_s": None if swapped is None else round(swapped - t_commit, 3),
+        "commit_to_first_client_token_s": None if first_token is None else round(first_token - t_commit, 3),
+        "commit_to_first_client_answer_s": None if first_whole is None else round(first_whole - t_commit, 3),
+        # Every probe, relative to the commit: (sent, answered, completion tokens: which version)
+        "probe_timeline": [(round(p[0] - t_commit, 2), round(p[1] - t_commit, 2), p[2]) for p in sorted(probes)],
         "steady": steady.summary(),
         "during": during.summary(),
         "probes": len(probes),

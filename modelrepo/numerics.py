@@ -23,6 +23,14 @@ from modelrepo.errors import RepositoryError
 INFERENCE_PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16")
 KV_CACHE_PRECISIONS: tuple[str, ...] = ("u8", "f16", "bf16", "f32")
 PRECISION_ENV = "LORA_INFERENCE_PRECISION"
+# The KV caches the CPU plugin's paged attention (the serving engine's) has kernels for, by the precision it
+# computes in (measured with OpenVINO 2026.4 on a BF16 CPU; f16 compute there runs as bf16). Any other pair
+# fails when the engine compiles: "expect kvcache type bf16, current: f32".
+KV_CACHES_FOR_COMPUTE: dict[str, tuple[str, ...]] = {
+    "f32": ("u8", "f16", "f32"),
+    "bf16": ("u8", "f16", "bf16"),
+    "f16": ("u8", "f16", "bf16"),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,13 @@ class Numerics:
         if self.kv_cache_precision not in KV_CACHE_PRECISIONS:
             raise RepositoryError(
                 f"kv_cache_precision must be one of {KV_CACHE_PRECISIONS}, got {self.kv_cache_precision!r}"
+            )
+        allowed = KV_CACHES_FOR_COMPUTE[self.inference_precision]
+        if self.kv_cache_precision not in allowed:
+            raise RepositoryError(
+                f"kv_cache_precision {self.kv_cache_precision} cannot go with {self.inference_precision} compute: "
+                f"OpenVINO's paged attention, which serves the version, has no kernel for that pair; "
+                f"with {self.inference_precision} compute pin one of {allowed}"
             )
         group = self.dynamic_quantization_group_size
         if not isinstance(group, int) or isinstance(group, bool) or group < 0:
@@ -129,9 +144,14 @@ def effective(numerics: Numerics, device: str = "CPU") -> Numerics:
         text = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
         return table.get(text, text)
 
+    compute, cache = read("INFERENCE_PRECISION_HINT", names), read("KV_CACHE_PRECISION", kv)
+    if cache not in KV_CACHES_FOR_COMPUTE.get(compute, (cache,)):
+        # A bf16 cache pinned with bf16 compute, on a CPU that computes f32: the f32 kernels take no bf16
+        # cache, and f32 holds every bf16 value exactly.
+        cache = "f32"
     return Numerics(
-        inference_precision=read("INFERENCE_PRECISION_HINT", names),
-        kv_cache_precision=read("KV_CACHE_PRECISION", kv),
+        inference_precision=compute,
+        kv_cache_precision=cache,
         dynamic_quantization_group_size=int(core.get_property(device, "DYNAMIC_QUANTIZATION_GROUP_SIZE")),
     )
 

@@ -99,7 +99,8 @@ class Engine:
         self._process, self._conn = _take_process()
         try:
             level = logging.getLogger().getEffectiveLevel()
-            self._conn.send((f"{name} v{version}", level, folder, adapters, settings, engine_properties(applied)))
+            properties = engine_properties(self.effective)
+            self._conn.send((f"{name} v{version}", level, folder, adapters, settings, properties))
             # While the engine process compiles: the handlers' tokenizer (prompts are tokenized here, in the
             # handlers' threads). openvino's binding deadlocks (the GIL against a C++ static guard) when two
             # threads make the process's first Tensor.data access at once: make one here, before any request can.

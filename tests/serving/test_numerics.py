@@ -8,12 +8,23 @@ from pathlib import Path
 import pytest
 
 import modelrepo
-from modelrepo.numerics import DEFAULT, Numerics, capabilities, default_numerics, effective, engine_properties
+from modelrepo.numerics import (
+    DEFAULT,
+    INFERENCE_PRECISIONS,
+    KV_CACHE_PRECISIONS,
+    KV_CACHES_FOR_COMPUTE,
+    Numerics,
+    capabilities,
+    default_numerics,
+    effective,
+    engine_properties,
+)
 from tests.serving.conftest import Server, version_source
 from tests.support import DemoRepository
 
 pytestmark = pytest.mark.slow
-BF16 = Numerics(inference_precision="bf16", kv_cache_precision="f32", dynamic_quantization_group_size=0)
+# An f16 KV cache goes with bf16 compute and with the f32 a CPU without BF16 computes instead.
+BF16 = Numerics(inference_precision="bf16", kv_cache_precision="f16", dynamic_quantization_group_size=0)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,7 @@ def test_models_report_pinned_and_effective_numerics(numerics_server: Server) ->
     has_bf16 = "BF16" in capabilities()
     assert cards["bf16_model"]["pinned"] == BF16.to_json()
     assert cards["bf16_model"]["effective"]["inference_precision"] == ("bf16" if has_bf16 else "f32")
-    assert cards["bf16_model"]["effective"]["kv_cache_precision"] == "f32"  # honoured on every CPU
+    assert cards["bf16_model"]["effective"]["kv_cache_precision"] == "f16"  # honoured on every CPU
     assert config["bf16_model"]["numerics"] == cards["bf16_model"]
     if not has_bf16:  # the server says when a CPU cannot compute what a version pins
         assert "bf16_model v1 pins bf16 compute" in numerics_server.logs()
@@ -78,3 +89,31 @@ def test_numerics_that_are_not_valid_are_refused_at_publish(demo_repository: Dem
     with pytest.raises(modelrepo.RepositoryError, match=r"inference_precision must be one of .*got 'fp8'"):
         modelrepo.publish_version(repo, "odd", "merged", source, {"numerics": bad})
     assert not (repo / "odd").exists() or modelrepo.read_index(repo).entries.get("odd") is None
+    no_kernel = {**DEFAULT.to_json(), "inference_precision": "bf16", "kv_cache_precision": "f32"}
+    with pytest.raises(modelrepo.RepositoryError, match=r"kv_cache_precision f32 cannot go with bf16 compute"):
+        modelrepo.publish_version(repo, "odd", "merged", source, {"numerics": no_kernel})
+    assert modelrepo.read_index(repo).entries.get("odd") is None
+
+
+def test_every_pin_a_build_accepts_runs_on_this_cpus_serving_engine(demo_repository: DemoRepository) -> None:
+    """What `check` accepts, the engine compiles here (with what this CPU makes of it): a pin is never servable
+    on one CPU and not on another. Caught on a BF16 CPU: bf16 compute over an f32 KV cache has no kernel."""
+    import openvino_genai
+
+    folder = demo_repository.root / "merged_model" / "1"
+    accepted = [
+        Numerics(compute, kv, 32)
+        for compute in INFERENCE_PRECISIONS
+        for kv in KV_CACHE_PRECISIONS
+        if kv in KV_CACHES_FOR_COMPUTE[compute]
+    ]
+    assert len(accepted) == 9
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens = 2
+    for numerics in accepted:
+        scheduler = openvino_genai.SchedulerConfig()
+        scheduler.cache_size = 1
+        pipe = openvino_genai.ContinuousBatchingPipeline(
+            str(folder), scheduler, "CPU", engine_properties(effective(numerics))
+        )
+        assert len(pipe.generate(["SELECT"], [config])[0].m_generation_ids) == 1, numerics
