@@ -24,12 +24,12 @@ INFERENCE_PRECISIONS: tuple[str, ...] = ("f32", "bf16", "f16")
 KV_CACHE_PRECISIONS: tuple[str, ...] = ("u8", "f16", "bf16", "f32")
 PRECISION_ENV = "LORA_INFERENCE_PRECISION"
 # The KV caches the CPU plugin's paged attention (the serving engine's) has kernels for, by the precision it
-# computes in (measured with OpenVINO 2026.4 on a BF16 CPU; f16 compute there runs as bf16). Any other pair
-# fails when the engine compiles: "expect kvcache type bf16, current: f32".
+# computes in (measured with OpenVINO 2026.4 on a BF16 CPU; f16 as its source has it for CPUs that compute
+# f16). Any other pair fails when the engine compiles: "expect kvcache type bf16, current: f32".
 KV_CACHES_FOR_COMPUTE: dict[str, tuple[str, ...]] = {
     "f32": ("u8", "f16", "f32"),
     "bf16": ("u8", "f16", "bf16"),
-    "f16": ("u8", "f16", "bf16"),
+    "f16": ("u8", "f16"),
 }
 
 
