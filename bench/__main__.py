@@ -99,22 +99,13 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
     repository = plan.work / "repo-serving"
     model = "bench"
     publish(repository, model, art.merged_ir(0), generation={"max_new_tokens": V1_TOKENS})
-    http_tok_s: dict[int, float] = {}
     if only & {"serving", "reload", "torch"}:
         with Server(repository, logs / "server-serving.log") as server:
             details["server_startup_s"] = round(server.startup_s, 2)
-
-            def serving() -> tuple[list[Figure], Any]:
-                figs, body = measure_overhead(plan, art, server, model, prompts)
-                http_tok_s.update({int(f.id.rsplit(".c", 1)[1]): f.value for f in figs if ".throughput." in f.id})
-                return figs, body
-
-            attempt("serving", serving)
+            attempt("serving", lambda: measure_overhead(plan, art, server, model, prompts))
+            # Before the reload: it publishes the next version, and torch runs on the first one.
+            attempt("torch", lambda: measure_torch(plan, art, server, model, prompts, logs / "torch.log"))
             attempt("reload", lambda: measure_reload(plan, art, server, model, prompts))
-    if "torch" in only and not http_tok_s:
-        errors["torch"] = "needs the serving figures (the HTTP throughput it is compared with)"
-    elif http_tok_s:
-        attempt("torch", lambda: measure_torch(plan, art, http_tok_s, prompts, logs / "torch.log"))
     attempt("adapters", lambda: measure_adapters(plan, art, plan.work / "repo-adapters", prompts,
                                                  logs / "server-adapters.log"))
     attempt("build", lambda: measure_build(plan, art, logs / "build.log"))

@@ -19,6 +19,7 @@ from bench.server import Server
 MAX_ADDED_TTFT_MS = 5.0
 MIN_THROUGHPUT_RATIO = 0.95
 MIN_SPEEDUP = 3.0  # over transformers generate
+TORCH_PAIRS = 2  # per concurrency: torch then ours, ours then torch
 
 
 def _warm(engine: InProcessEngine, server: Server, model: str, prompts: PromptFactory) -> None:
@@ -79,23 +80,56 @@ def measure_overhead(
 
 
 def measure_torch(
-    plan: Plan, art: Artifacts, http: dict[int, float], prompts: PromptFactory, log: Path
+    plan: Plan, art: Artifacts, server: Server, model: str, prompts: PromptFactory, log: Path
 ) -> tuple[list[Figure], dict[str, Any]]:
-    """transformers generate (fp32, the merged HF folder) on the same load, in a subprocess; speed-up: ours/theirs."""
-    path = plan.work / "torch-prompts.json"
-    path.write_text(json.dumps({str(c): prompts.batch(plan.requests[c]) for c in plan.concurrencies}), encoding="utf-8")
-    cmd = [sys.executable, "-m", "bench.torch_load", "--model", str(art.merged0_hf), "--prompts", str(path),
-           "--max-tokens", str(plan.max_tokens)]
-    with open(log, "ab") as err:
-        out = subprocess.run(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=err, check=True, timeout=900)
-    body = json.loads(out.stdout)
-    figures = []
-    for c in plan.concurrencies:
-        theirs = body["results"][str(c)]
-        figures.append(Figure(
-            f"vs_torch.throughput.c{c}", f"speed-up over transformers generate, {c} client(s)", http[c],
-            theirs["tok_s"], "tok/s", f"transformers {body['dtype']} generate, batch of {c}",
-            f">= {MIN_SPEEDUP:g} (ratio)", met=http[c] >= MIN_SPEEDUP * theirs["tok_s"],
-            extra={"torch_ttft_p50_ms": theirs["ttft_p50_ms"], "torch_threads": body["threads"][str(c)]["used"]},
-        ))
-    return figures, body
+    """transformers generate (fp32, the merged HF folder, static batches) against the server on the same prompts.
+
+    Per concurrency, two pairs of runs alternating which side goes first, so both sides' figures come from the
+    same minutes (a machine whose speed drifts would otherwise favour one side); speed-up: ours / theirs.
+    """
+    cmd = [sys.executable, "-m", "bench.torch_load", "--model", str(art.merged0_hf), "--max-tokens",
+           str(plan.max_tokens)]
+    figures: list[Figure] = []
+    details: dict[str, Any] = {}
+    with open(log, "ab") as err, subprocess.Popen(
+        cmd, env=dict(os.environ), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+    ) as torch_side:
+        assert torch_side.stdin is not None and torch_side.stdout is not None
+        ready = json.loads(torch_side.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            raise RuntimeError(f"bench.torch_load did not start (its log: {log})")
+
+        def torch_run(batch: list[str], c: int) -> dict[str, Any]:
+            torch_side.stdin.write(json.dumps({"concurrency": c, "prompts": batch}) + "\n")
+            torch_side.stdin.flush()
+            line = torch_side.stdout.readline()
+            if not line:
+                raise RuntimeError(f"bench.torch_load exited (its log: {log})")
+            return json.loads(line)
+
+        for c in plan.concurrencies:
+            theirs: list[dict[str, Any]] = []
+            ours: list[LoadResult] = []
+            for r in range(TORCH_PAIRS):
+                batch = prompts.batch(plan.requests[c])
+                for side in ("torch", "http") if r % 2 == 0 else ("http", "torch"):
+                    if side == "torch":
+                        theirs.append(torch_run(batch, c))
+                    else:
+                        ours.append(asyncio.run(http_load(server.url, [model], batch, c, plan.max_tokens)))
+            failed = sum(x.failed for x in ours)
+            mine, other = median([x.tok_s for x in ours]), median([t["tok_s"] for t in theirs])
+            details[f"c{c}"] = {"http": [x.summary() for x in ours], "torch": theirs}
+            figures.append(Figure(
+                f"vs_torch.throughput.c{c}", f"speed-up over transformers generate, {c} client(s) (ours: HTTP, "
+                "the version's pinned numerics, continuous batching)", mine, other, "tok/s",
+                f"transformers {ready['dtype']} generate, static batches of {c}, alternating with ours",
+                f">= {MIN_SPEEDUP:g} (ratio)", met=failed == 0 and mine >= MIN_SPEEDUP * other,
+                note=f"{failed} failed requests" if failed else "",
+                extra={
+                    "torch_ttft_p50_ms": median([t["ttft_p50_ms"] for t in theirs]),
+                    "torch_threads": [t["threads"]["used"] for t in theirs],
+                },
+            ))
+        torch_side.stdin.close()
+    return figures, details

@@ -1,11 +1,13 @@
 """What a user would run instead: transformers generate on the merged model, C prompts per batch (a subprocess).
 
-    python -m bench.torch_load --model DIR --prompts PROMPTS.json --max-tokens 128 --concurrency 1 4 16
+    python -m bench.torch_load --model DIR --max-tokens 64
 
-Prints JSON: per concurrency, the same figures as bench.load (tokens/s over the wall time, TTFT as
-the time to the first generated token of each batch). Run apart from the harness so torch's
-threads never compete with OpenVINO's in the other measurements. Threads: all cores, or 1 when a
-calibration forward says that is faster (see pick_threads).
+Loads the model, prints {"ready": true}, then reads one JSON job a line ({"concurrency": C, "prompts":
+[...]}) and prints its result a line: the same figures as bench.load (tokens/s over the wall time, TTFT
+as the time to the first generated token of each batch). A process of its own, kept between jobs, so
+the harness can alternate its loads with the server's in the same minutes, and torch's threads never
+run beside OpenVINO's. Threads: all cores, or 1 when a calibration forward says that is faster
+(see pick_threads).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ def pick_threads(model: object, torch: object) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.torch_load", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--prompts", type=Path, required=True, help="JSON: {concurrency: [prompt, ...]}")
     parser.add_argument("--max-tokens", type=int, required=True)
     args = parser.parse_args(argv)
 
@@ -63,47 +64,49 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    prompts: dict[str, list[str]] = json.loads(args.prompts.read_text(encoding="utf-8"))
-    out = {}
     with torch.inference_mode():
         # One throw-away batch: the first generate() pays one-time allocation costs.
         warm = tokenizer(["warm up"], return_tensors="pt")
         model.generate(**warm, max_new_tokens=2, do_sample=False)
-        threads = {}
-        for concurrency, batch_prompts in prompts.items():
-            c = int(concurrency)
+        print(json.dumps({"ready": True, "dtype": "float32"}), flush=True)
+        for line in sys.stdin:
+            job = json.loads(line)
             # Again before each load: another process taking a core in between changes the answer.
-            threads[concurrency] = pick_threads(model, torch)
-            tokens = 0
-            ttfts = []
-            start = time.perf_counter()
-            for i in range(0, len(batch_prompts), c):
-                batch = tokenizer(batch_prompts[i : i + c], return_tensors="pt", padding=True)
-                streamer = FirstToken()
-                t = time.perf_counter()
-                ids = model.generate(
-                    **batch,
-                    max_new_tokens=args.max_tokens,
-                    min_new_tokens=args.max_tokens,  # EOS ignored, as in every other measurement
-                    do_sample=False,
-                    streamer=streamer,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                tokens += (ids.shape[1] - batch["input_ids"].shape[1]) * ids.shape[0]
-                ttfts.extend([(streamer.first or time.perf_counter()) - t] * ids.shape[0])
-            wall = time.perf_counter() - start
-            ttfts.sort()
-            out[concurrency] = {
-                "concurrency": c,
-                "requests": len(batch_prompts),
-                "failed": 0,
-                "completion_tokens": tokens,
-                "wall_s": round(wall, 3),
-                "tok_s": round(tokens / wall, 2),
-                "ttft_p50_ms": round(ttfts[len(ttfts) // 2] * 1000, 1),
-            }
-    json.dump({"threads": threads, "dtype": "float32", "results": out}, sys.stdout)
+            threads = pick_threads(model, torch)
+            result = run_load(model, tokenizer, job["prompts"], int(job["concurrency"]), args.max_tokens)
+            print(json.dumps({"threads": threads, **result}), flush=True)
     return 0
+
+
+def run_load(model: Any, tokenizer: Any, prompts: list[str], c: int, max_tokens: int) -> dict[str, Any]:
+    """`prompts` in static batches of `c`, each generated to exactly `max_tokens` new tokens."""
+    tokens = 0
+    ttfts: list[float] = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), c):
+        batch = tokenizer(prompts[i : i + c], return_tensors="pt", padding=True)
+        streamer = FirstToken()
+        t = time.perf_counter()
+        ids = model.generate(
+            **batch,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,  # EOS ignored, as in every other measurement
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        tokens += (ids.shape[1] - batch["input_ids"].shape[1]) * ids.shape[0]
+        ttfts.extend([(streamer.first or time.perf_counter()) - t] * ids.shape[0])
+    wall = time.perf_counter() - start
+    ttfts.sort()
+    return {
+        "concurrency": c,
+        "requests": len(prompts),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 2),
+        "ttft_p50_ms": round(ttfts[len(ttfts) // 2] * 1000, 1),
+    }
 
 
 if __name__ == "__main__":
