@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,41 @@ def _warm(engine: InProcessEngine, server: Server, model: str, prompts: PromptFa
     asyncio.run(http_load(server.url, [model], prompts.batch(2), 2, 4))
 
 
+class CpuShare:
+    """CPU seconds the benchmark's client, the server and its engine processes used over one run, as shares of
+    the machine's capacity (wall time x cores): where the cores went while HTTP was measured."""
+
+    def __init__(self, server_pid: int) -> None:
+        import psutil
+
+        self.client = psutil.Process()
+        self.server = psutil.Process(server_pid)
+        self.before = self._read()
+        self.t0 = time.perf_counter()
+
+    def _read(self) -> dict[str, float]:
+        def cpu(p: Any) -> float:
+            try:
+                t = p.cpu_times()
+                return t.user + t.system
+            except Exception:  # an engine process that ended in between
+                return 0.0
+
+        engines = {f"engine {c.pid}": cpu(c) for c in self.server.children(recursive=True)}
+        return {"client": cpu(self.client), "server": cpu(self.server), **engines}
+
+    def shares(self) -> dict[str, float]:
+        after, wall = self._read(), time.perf_counter() - self.t0
+        capacity = wall * (os.cpu_count() or 1)
+        used = {k: after[k] - self.before.get(k, 0.0) for k in after}
+        engines = sum(v for k, v in used.items() if k.startswith("engine"))
+        return {
+            "client_cpu_share": round(used["client"] / capacity, 3),
+            "server_cpu_share": round(used["server"] / capacity, 3),
+            "engines_cpu_share": round(engines / capacity, 3),
+        }
+
+
 def measure_overhead(
     plan: Plan, art: Artifacts, server: Server, model: str, prompts: PromptFactory
 ) -> tuple[list[Figure], dict[str, Any]]:
@@ -39,6 +75,7 @@ def measure_overhead(
     for c in plan.concurrencies:
         n = plan.requests[c]
         runs: dict[str, list[LoadResult]] = {"engine": [], "http": []}
+        cpu: list[dict[str, float]] = []
         for r in range(plan.repeats):
             order = ["engine", "http"] if r % 2 == 0 else ["http", "engine"]
             for kind in order:
@@ -46,7 +83,10 @@ def measure_overhead(
                 if kind == "engine":
                     runs["engine"].append(engine.run(batch, c, plan.max_tokens))
                 else:
+                    assert server.proc is not None
+                    share = CpuShare(server.proc.pid)
                     runs["http"].append(asyncio.run(http_load(server.url, [model], batch, c, plan.max_tokens)))
+                    cpu.append(share.shares())
         e_tok, h_tok = median([x.tok_s for x in runs["engine"]]), median([x.tok_s for x in runs["http"]])
         e_ttft, h_ttft = (median([x.ttft_p50 for x in runs[k]]) * 1000 for k in ("engine", "http"))
         failed = sum(x.failed for x in runs["http"])
@@ -73,6 +113,8 @@ def measure_overhead(
                 "live_p50_ms": round(median([x.stalls()["stall_p50_ms"] for x in runs["http"]]), 1),
                 "live_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["http"]]), 1),
                 "engine_gil_wait_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["engine"]]), 1),
+                # Shares of the 2 cores over the HTTP runs: the benchmark's own client is on the same machine.
+                **{k: round(median([x[k] for x in cpu]), 3) for k in cpu[0]},
             },
         ))
     del engine
