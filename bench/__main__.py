@@ -40,7 +40,7 @@ def expected_figures(plan: Plan, only: set[str]) -> list[str]:
         "serving": [f"serving.{what}.c{c}" for c in cs for what in ("throughput", "ttft")],
         "reload": ["reload.latency", "reload.failed_requests"],
         "torch": [f"vs_torch.throughput.c{c}" for c in cs],
-        "adapters": ["adapters.spread.throughput", "adapters.single.throughput"],
+        "adapters": ["adapters.spread.throughput", "adapters.single.throughput", "adapters.publish.latency"],
         "build": ["build.wall", "build.peak_memory"],
         "weights": ["weights.int8.size", "weights.int8.throughput"],
         PEERS: peer_figures(plan),

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 import openvino_genai as ov_genai
 
 from modelrepo.numerics import Numerics, capabilities, default_numerics, effective, engine_properties
+from serving.adapter_targets import targets, uncovered
 from serving.engine_core import FINAL, AdapterSpec, Cancelled, Delta, EngineSettings, Event, Failed, Job, config_fields
 from serving.errors import EngineClosed, Overloaded
 from serving.modelinfo import ModelInfo, read_model_info
@@ -84,7 +86,9 @@ class Engine:
                 "from what its validation passed",
                 name, version, applied, self.effective, capabilities(),
             )
-        self.adapters = {a.name: a for a in adapters}
+        self.adapters = {a.name: a for a in adapters}  # every adapter it has been given (the core drops the old)
+        self._built_with = list(adapters)  # decide which weights have a LoRA variable (serving.adapter_targets)
+        self._adapter_replies: queue.Queue[str | None] = queue.Queue()
         self.settings = settings
         self._lock = threading.Lock()  # the requests table and the counters
         # The pipe's sending end has a lock of its own, which the reader never takes: a send blocked on
@@ -168,6 +172,33 @@ class Engine:
                 self._requests.pop(job.id, None)
             raise EngineClosed(f"{self.name} v{self.version} stopped: try again") from None
 
+    def can_take(self, adapters: list[AdapterSpec]) -> str | None:
+        """Why `set_adapters(adapters)` cannot serve them on this engine's pipeline (None: it can)."""
+        if not self._built_with:
+            return "built without adapters"
+        try:
+            compiled = frozenset().union(*(targets(a.path) for a in self._built_with))
+            for a in adapters:
+                if a.name not in self.adapters and (missing := uncovered(a.path, compiled)):
+                    return f"{a.name} changes weights the pipeline has no LoRA variable for: {', '.join(missing[:3])}"
+        except (OSError, ValueError) as e:
+            return str(e)
+        return None
+
+    def set_adapters(self, adapters: list[AdapterSpec], timeout: float = 60.0) -> None:
+        """Serve `adapters` on the running pipeline, with no compile (check `can_take` first); raises RuntimeError."""
+        with self._lock:
+            if self._retired or self._dead:
+                raise EngineClosed(f"{self.name} v{self.version} is being replaced")
+        self._send(("adapters", adapters))
+        try:
+            error = self._adapter_replies.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the engine did not answer in {timeout:.0f} s") from None
+        if error is not None:
+            raise RuntimeError(error)
+        self.adapters.update({a.name: a for a in adapters})
+
     def cancel(self, request: Request) -> None:
         with self._lock:
             if request.id not in self._requests:
@@ -219,7 +250,11 @@ class Engine:
     def _read(self) -> None:
         try:
             while True:
-                _, events, (self.steps, self.switches, self.cancelled, self.running) = self._conn.recv()
+                message = self._conn.recv()
+                if message[0] == "adapters":
+                    self._adapter_replies.put(message[1])
+                    continue
+                _, events, (self.steps, self.switches, self.cancelled, self.running) = message
                 self._dispatch(events)
         except (EOFError, OSError):
             pass  # the process ended: a retire, a close, or a crash

@@ -8,7 +8,9 @@ one batch, but a `generate()` leaves its adapter set active for the `step()`s th
 core runs one adapter group at a time (continuous batching inside it) and switches on an empty
 pipeline, once the active group's `time_slice` is over and another group waits, oldest waiter first:
 each batch runs exactly one adapter, and no request waits longer than one slice plus the running
-requests. Its costs are measured in bench/ANALYSIS.md ("Design notes").
+requests. Its costs are measured in bench/ANALYSIS.md ("Design notes"). In the dynamic mode an adapter
+set at construction only decides which weights get a LoRA variable: `set_adapters` adds adapters on
+those weights (a new version of one, say) to the running pipeline, with no compile.
 
 The plugin copies each weight out of the IR's memory-mapped `.bin` when it first runs it; between
 steps the core releases the map's pages (modelrepo/mapped.py), so the weights are not resident twice.
@@ -39,6 +41,9 @@ _REPLACEMENT = "\ufffd"  # a multi-byte character cut in half by a token boundar
 # the first steps, then at most once a second (reading /proc/self/maps and the madvise: under a millisecond).
 RELEASE_FIRST_STEPS = 16
 RELEASE_EVERY_S = 1.0
+# An adapter no longer wanted is dropped once idle and unwanted this long: a request that read its route
+# just before the swap can still be submitted to it.
+ADAPTER_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,10 @@ class EngineCore:
         scheduler.enable_prefix_caching = False
         properties: dict[str, object] = dict(numerics or {})
         self._ov_adapters: dict[str, ov_genai.Adapter] = {}
+        self._unwanted: dict[str, float] = {}  # adapter -> when set_adapters left it out
+        self._lora = bool(adapters)  # the graph has LoRA variables: every generate() sets its adapter set
         if adapters:
-            registered = ov_genai.AdapterConfig()
+            registered = ov_genai.AdapterConfig(ov_genai.AdapterConfig.Mode.MODE_DYNAMIC)
             for a in adapters:
                 self._ov_adapters[a.name] = ov_genai.Adapter(str(a.path))
                 registered.add(self._ov_adapters[a.name], a.alpha)
@@ -209,6 +216,28 @@ class EngineCore:
         self._waiting.setdefault(job.adapter, deque()).append(_Sequence(job, config))
         return []
 
+    def set_adapters(self, adapters: list[AdapterSpec]) -> None:
+        """Serve `adapters` from now on: load the new ones; the others go once idle (ADAPTER_GRACE_S).
+
+        Only for adapters on the weights the pipeline was built with (serving.adapter_targets checks that).
+        """
+        if not self._lora:
+            raise ValueError("this engine was built without adapters: serving one needs a new engine")
+        loaded = {a.name: ov_genai.Adapter(str(a.path)) for a in adapters if a.name not in self.adapters}
+        self._ov_adapters.update(loaded)
+        self.adapters.update({a.name: a for a in adapters})
+        wanted = {a.name for a in adapters}
+        now = time.monotonic()
+        self._unwanted = {k: self._unwanted.get(k, now) for k in self.adapters if k not in wanted}
+
+    def _drop_unwanted(self) -> None:
+        now = time.monotonic()
+        for name, since in list(self._unwanted.items()):
+            idle = not self._waiting.get(name) and not (self._running and self._active == name)
+            if idle and now - since >= ADAPTER_GRACE_S:
+                del self._unwanted[name], self.adapters[name], self._ov_adapters[name]
+                self._waiting.pop(name, None)
+
     def cancel(self, job_id: int) -> list[tuple[int, Event]]:
         """Drop a job, queued or running; one already finished is not there any more: nothing to do."""
         seq = self._running.pop(job_id, None)
@@ -233,6 +262,8 @@ class EngineCore:
     def step(self) -> list[tuple[int, Event]]:
         """Admit what can run, run one pipeline step, and return the events it produced."""
         events: list[tuple[int, Event]] = []
+        if self._unwanted:
+            self._drop_unwanted()
         try:
             events += self._admit()
             if self._running:
@@ -270,7 +301,7 @@ class EngineCore:
         if not queue:
             return []
         failed: list[tuple[int, Event]] = []
-        if self.adapters and self._applied != self._active:
+        if self._lora and self._applied != self._active:
             try:
                 self._apply_adapter(self._active)
             except Exception as e:
@@ -313,7 +344,7 @@ class EngineCore:
         config = ov_genai.GenerationConfig()
         config.max_new_tokens = max_new_tokens
         config.ignore_eos = True
-        if self.adapters:
+        if self._lora:
             config.adapters = (
                 ov_genai.AdapterConfig(self._ov_adapters[adapter], self.adapters[adapter].alpha)
                 if adapter is not None
@@ -321,7 +352,7 @@ class EngineCore:
             )
         token = max(self._bos, 0)  # -1: the tokenizer has no BOS; any token will do
         self._pipe.generate([ov.Tensor(np.array([[token]], dtype=np.int64))], [config])
-        self._applied = adapter if self.adapters else False
+        self._applied = adapter if self._lora else False
 
     def _collect(self) -> list[tuple[int, Event]]:
         """Read every handle after a step; detokenize all of them in one batched call.

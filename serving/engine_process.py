@@ -8,10 +8,11 @@ server keeps one such process started ahead (serving/engine.py's spare): its imp
 before it is given a model.
 Protocol (pickled tuples in multiprocessing.connection's framing):
   server -> engine: (label, log level, folder, adapters, settings, numerics properties) once, then
-                    ("add", Job) | ("cancel", job id) | ("retire",) | ("close",)
+                    ("add", Job) | ("cancel", job id) | ("adapters", [AdapterSpec, ...]) | ("retire",) | ("close",)
   engine -> server: ("ready", None) or ("failed", message) once, then, after each step that produced
                     events or changed the running count,
-                    ("events", [(job id, Event), ...], (steps, switches, cancelled, running))
+                    ("events", [(job id, Event), ...], (steps, switches, cancelled, running)),
+                    and ("adapters", None or the error) in answer to each "adapters" command
 "retire" finishes the jobs in hand and exits; "close" cancels them and exits. The engine also
 exits when the server's end of the socket closes (the server died).
 """
@@ -24,7 +25,7 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-from serving.engine_core import EngineCore, Event
+from serving.engine_core import AdapterSpec, EngineCore, Event
 
 
 def main(fd: int) -> None:
@@ -61,6 +62,8 @@ def _serve(conn: Connection, core: EngineCore) -> None:
                     events += core.add(job)
                 case ("cancel", job_id):
                     events += core.cancel(job_id)
+                case ("adapters", specs):
+                    conn.send(("adapters", _set_adapters(core, specs)))
                 case ("retire",):
                     retiring = True
                 case ("close",):
@@ -73,6 +76,14 @@ def _serve(conn: Connection, core: EngineCore) -> None:
         if events or core.running != reported:  # a non-streaming request says nothing until it ends
             _send(conn, events, core)
             reported = core.running
+
+
+def _set_adapters(core: EngineCore, specs: list[AdapterSpec]) -> str | None:
+    try:
+        core.set_adapters(specs)
+    except Exception as e:  # an adapter file genai cannot read: the server builds a new engine or reports it
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _send(conn: Connection, events: list[tuple[int, Event]], core: EngineCore) -> None:

@@ -58,7 +58,18 @@ class _EngineCollector(Collector):
         )
         for state, count in self.registry.engine_counts().items():
             engines.add_metric([state], count)
-        yield from (depth, running, loaded, failed, ready, cancelled, switches, engines)
+        builds = CounterMetricFamily(
+            f"{PREFIX}_engine_builds", "Pipelines compiled for the model's versions and adapter sets", labels=["model"]
+        )
+        for name, count in sorted(self.registry.engine_builds.items()):
+            builds.add_metric([name], count)
+        live = CounterMetricFamily(
+            f"{PREFIX}_live_adapter_updates", "Adapter sets changed on the model's running engine, with no compile",
+            labels=["model"],
+        )
+        for name, count in sorted(self.registry.live_adapter_updates.items()):
+            live.add_metric([name], count)
+        yield from (depth, running, loaded, failed, ready, cancelled, switches, engines, builds, live)
         if self.registry.mirror is not None:
             yield from _store_metrics(self.registry.mirror)
 

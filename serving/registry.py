@@ -2,7 +2,9 @@
 
 A reload reads index.json, works out which engines the new index needs (one per merged or base
 model version, with the adapters published on it), builds the missing ones in a worker thread
-while the current table keeps serving, then replaces the whole table in one assignment. Requests
+while the current table keeps serving, then replaces the whole table in one assignment. A change
+of adapters only (one published, a new version, one removed) on a model version whose engine has
+LoRA variables on their weights is made on that engine, with no compile (Engine.set_adapters). Requests
 hold the route they started with, so they finish on their version; engines the new table no
 longer uses are retired and release their pipeline once idle. A version that fails to verify
 against its manifest or to load is logged and kept in `failures` (readiness, /v1/config and
@@ -22,6 +24,7 @@ as from any folder, and the mirror evicts the versions neither the index nor the
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -43,6 +46,11 @@ from serving.errors import ModelNotFound, NotReady
 log = logging.getLogger(__name__)
 
 EngineKey = tuple[str, tuple[tuple[str, int, float], ...]]  # (model version path, adapters (name, version, alpha))
+
+
+def _slot(adapter: Entry) -> str:
+    """An adapter version's name on its engine: a new version is a new adapter there, beside the one it replaces."""
+    return f"{adapter.name}@v{adapter.version}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class Registry:
         self.generation: int | None = None
         self.ready = False
         self.reloads = 0
+        self.engine_builds: collections.Counter[str] = collections.Counter()  # pipelines compiled, by model
+        self.live_adapter_updates: collections.Counter[str] = collections.Counter()  # adapter sets changed in place
         self._engines: dict[EngineKey, Engine] = {}
         self._verified: dict[str, list[str]] = {}  # version path -> problems (versions are immutable)
         self._manifests: dict[str, dict[str, Any]] = {}  # version path -> its manifest without the file hashes
@@ -256,7 +266,7 @@ class Registry:
         self.failures.pop(model.name, None)
         routes = {model.name: Route(model, engine)}
         for a in chosen:
-            routes[a.name] = Route(a, engine, adapter=a.name)
+            routes[a.name] = Route(a, engine, adapter=_slot(a))
         return routes
 
     async def _engine(self, model: Entry, adapters: list[Entry], replacing: Engine | None = None) -> Engine:
@@ -268,10 +278,12 @@ class Registry:
         """
         key: EngineKey = (model.path, tuple((a.name, a.version, float(a.alpha or 1.0)) for a in adapters))
         engine = self._engines.get(key)
+        specs = [
+            AdapterSpec(_slot(a), self.repository / a.path / ADAPTER_WEIGHTS, float(a.alpha or 1.0)) for a in adapters
+        ]
+        if engine is None and replacing is not None:
+            engine = await self._update_adapters(replacing, model, specs, key)
         if engine is None:
-            specs = [
-                AdapterSpec(a.name, self.repository / a.path / ADAPTER_WEIGHTS, float(a.alpha or 1.0)) for a in adapters
-            ]
             started = time.monotonic()
             if replacing is not None:
                 replacing.yield_cpu()
@@ -288,6 +300,33 @@ class Registry:
                 model.name, model.version, [a.name for a in adapters] or "none", time.monotonic() - started,
             )
             self._engines[key] = engine
+            self.engine_builds[model.name] += 1
+        return engine
+
+    async def _update_adapters(
+        self, engine: Engine, model: Entry, specs: list[AdapterSpec], key: EngineKey
+    ) -> Engine | None:
+        """The engine of the same model version, now serving `specs` with no compile; None where it cannot."""
+        if engine.folder != self.repository / model.path or engine.dead:
+            return None
+        started = time.monotonic()
+        why = await asyncio.to_thread(engine.can_take, specs)
+        if why is None:
+            try:
+                await asyncio.to_thread(engine.set_adapters, specs)
+            except Exception as e:
+                why = str(e)
+        if why is not None:
+            log.info("%s v%s: a new engine for its adapters (%s)", model.name, model.version, why)
+            return None
+        for k in [k for k, e in self._engines.items() if e is engine]:
+            del self._engines[k]
+        self._engines[key] = engine
+        self.live_adapter_updates[model.name] += 1
+        log.info(
+            "%s v%s now serves adapters %s (no compile: %.2f s)",
+            model.name, model.version, [s.name for s in specs] or "none", time.monotonic() - started,
+        )
         return engine
 
     def _keep(self, previous: Route | None, old: dict[str, Route]) -> dict[str, Route]:

@@ -37,6 +37,7 @@ class FakeEngine:
 
     def __init__(self, name: str, version: int, folder: Path, adapters: list, settings: EngineSettings) -> None:
         self.name, self.version, self.adapters = name, version, {a.name: a for a in adapters}
+        self.folder = folder
         self.info = ModelInfo(folder=folder, context_length=64, numerics=DEFAULT)
         self.effective = DEFAULT
         self.tokenizer = FakeTokenizer()
@@ -52,6 +53,9 @@ class FakeEngine:
 
     def cancel(self, r: Request) -> None:
         self.cancelled += 1
+
+    def can_take(self, adapters: list) -> str | None:
+        return "a fake engine is built again for every adapter set"
 
     def retire(self) -> None:
         self.released = True

@@ -16,7 +16,7 @@ import modelrepo
 from demo.data import REFERENCE_PROMPT
 from demo.make_sources import DemoSources
 from tests.serving.conftest import Server
-from tests.support import DemoRepository, metric, pinned_manifest, prompt_texts, same_greedy_answer
+from tests.support import DemoRepository, metric, pinned_manifest, prompt_texts, same_greedy_answer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +165,57 @@ def test_publishing_and_removing_an_adapter_under_load_drops_no_request(
     assert failures == []
     assert answered[0] > 10
     assert appeared < 15  # "within seconds", on a busy 2-core machine
+
+
+def _live_version(http: httpx.Client, name: str) -> int | None:
+    status = http.get("/v1/config").json().get(name, {}).get("model_version_status", [])
+    return next((int(s["version"]) for s in status if s["state"] == "AVAILABLE"), None)
+
+
+def test_adapter_changes_on_a_served_base_take_effect_without_a_compile(
+    adapter_server: Server, demo_sources: DemoSources, tmp_path: Path
+) -> None:
+    """A new adapter, a new version of it with other weights, and its removal: the base's engine stays, no compile."""
+    repo, url = adapter_server.repository, adapter_server.url
+    with adapter_server.client() as http:
+        sql = _complete(http, "sql_adapter", REFERENCE_PROMPT, 24)
+        spell = _complete(http, "spell_adapter", REFERENCE_PROMPT, 24)
+        assert sql != spell  # else the new version's weights could not be told from the old's
+        builds = metric(url, "lora_serve_engine_builds_total", "base_model")
+        live = metric(url, "lora_serve_live_adapter_updates_total", "base_model")
+        assert builds >= 1
+
+        publish_adapter(repo, "moving_adapter", demo_sources.sql_adapter, tmp_path / "v1")
+        wait_for(lambda: _live_version(http, "moving_adapter") == 1, what="moving_adapter v1")
+        assert _complete(http, "moving_adapter", REFERENCE_PROMPT, 24) == sql
+
+        publish_adapter(repo, "moving_adapter", demo_sources.spell_adapter, tmp_path / "v2")
+        wait_for(lambda: _live_version(http, "moving_adapter") == 2, what="moving_adapter v2")
+        assert _complete(http, "moving_adapter", REFERENCE_PROMPT, 24) == spell
+        assert _complete(http, "sql_adapter", REFERENCE_PROMPT, 24) == sql
+
+        modelrepo.remove_entry(repo, "moving_adapter")
+        wait_for(lambda: _live_version(http, "moving_adapter") is None, what="moving_adapter removed")
+        assert http.post("/v3/completions", json={"model": "moving_adapter", "prompt": "x"}).status_code == 404
+    assert metric(url, "lora_serve_engine_builds_total", "base_model") == builds
+    assert metric(url, "lora_serve_live_adapter_updates_total", "base_model") == live + 3
+
+
+def test_the_first_adapter_on_a_model_builds_its_engine_again(
+    adapter_server: Server, demo_sources: DemoSources, tmp_path: Path
+) -> None:
+    """An engine built without adapters has no LoRA variables: the first adapter on its model needs a compile."""
+    repo, url = adapter_server.repository, adapter_server.url
+    builds = metric(url, "lora_serve_engine_builds_total", "merged_model")
+    with adapter_server.client() as http:
+        merged = _complete(http, "merged_model", REFERENCE_PROMPT, 24)
+        publish_adapter(repo, "on_merged", demo_sources.spell_adapter, tmp_path, base="merged_model")
+        wait_for(lambda: _live_version(http, "on_merged") == 1, what="the adapter on merged_model")
+        assert _complete(http, "merged_model", REFERENCE_PROMPT, 24) == merged
+        assert http.post("/v3/completions", json={"model": "on_merged", "prompt": "x"}).status_code == 200
+        modelrepo.remove_entry(repo, "on_merged")
+        wait_for(lambda: _live_version(http, "on_merged") is None, what="the adapter on merged_model removed")
+    assert metric(url, "lora_serve_engine_builds_total", "merged_model") == builds + 1
 
 
 def test_an_adapter_that_cannot_load_is_reported_and_the_rest_keeps_serving(

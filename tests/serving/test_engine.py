@@ -200,6 +200,48 @@ def test_a_failed_step_fails_its_requests_and_the_core_goes_on(demo_repository: 
     assert _core_text(core, Job(2, ids, config_fields(config), None)) == expected
 
 
+def test_adapters_set_on_a_running_core_serve_and_the_unwanted_go_once_idle(
+    demo_repository: DemoRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo, sources = demo_repository.root, demo_repository.sources
+    base = modelrepo.read_index(repo).entries["base_model"]
+
+    def spec(name: str, folder: Path) -> AdapterSpec:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return AdapterSpec(name, folder / "adapter_model.safetensors", config["lora_alpha"] / config["r"])
+
+    sql, spell = spec("sql@v1", sources.sql_adapter), spec("spell@v1", sources.spell_adapter)
+    tokenizer = ov_genai.Tokenizer(str(repo / base.path))
+    config = ov_genai.GenerationConfig(str(repo / base.path / "generation_config.json"))
+    config.max_new_tokens = 24
+    ids = list(tokenizer.encode(REFERENCE_PROMPT).input_ids.data[0])
+    job = iter(range(100))
+
+    def answer(core: EngineCore, adapter: str | None) -> str:
+        return _core_text(core, Job(next(job), ids, config_fields(config), adapter))
+
+    built_with_both = EngineCore(repo / base.path, [sql, spell], EngineSettings())
+    expected = {a: answer(built_with_both, a) for a in ("sql@v1", "spell@v1", None)}
+    del built_with_both
+    assert expected["sql@v1"] != expected["spell@v1"]
+
+    core = EngineCore(repo / base.path, [sql], EngineSettings())
+    monkeypatch.setattr("serving.engine_core.ADAPTER_GRACE_S", 0.5)
+    core.set_adapters([spell])  # a new adapter, and sql no longer wanted
+    assert answer(core, "spell@v1") == expected["spell@v1"]
+    assert answer(core, "sql@v1") == expected["sql@v1"]  # within its grace: still served
+    time.sleep(0.6)
+    core.step()  # idle: sql goes
+    [(_, refused)] = core.add(Job(next(job), ids, config_fields(config), "sql@v1"))
+    assert isinstance(refused, Failed) and "not registered" in refused.message
+    assert answer(core, None) == expected[None]
+    assert answer(core, "spell@v1") == expected["spell@v1"]
+
+    plain = EngineCore(repo / base.path, [], EngineSettings())
+    with pytest.raises(ValueError, match="built without adapters"):
+        plain.set_adapters([spell])
+
+
 def test_the_core_releases_the_mapped_weights_the_plugin_has_copied(demo_repository: DemoRepository) -> None:
     # merged_model: no other core of this process maps its .bin (the test above serves base_model).
     repo = demo_repository.root
