@@ -190,6 +190,9 @@ class Engine:
         with self._lock:
             if self._retired or self._dead:
                 raise EngineClosed(f"{self.name} v{self.version} is being replaced")
+        with contextlib.suppress(queue.Empty):  # the late answer to a call that timed out is not this one's
+            while True:
+                self._adapter_replies.get_nowait()
         self._send(("adapters", adapters))
         try:
             error = self._adapter_replies.get(timeout=timeout)

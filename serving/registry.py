@@ -39,6 +39,7 @@ import watchfiles
 import modelrepo
 from modelrepo import ADAPTER_WEIGHTS, Entry, Index
 from modelrepo.mirror import Mirror
+from serving.adapter_targets import targets
 from serving.engine import Engine, close_spare, load_engine
 from serving.engine_core import AdapterSpec, EngineSettings
 from serving.errors import ModelNotFound, NotReady
@@ -232,6 +233,11 @@ class Registry:
                 bad = [f"{a.path} has no {ADAPTER_WEIGHTS}"]
             elif not bad and (size := weights.stat().st_size) > limit:
                 bad = [f"{a.path}/{ADAPTER_WEIGHTS} is {size} bytes, over the limit of {limit} (--max-adapter-bytes)"]
+            elif not bad:
+                try:  # its header, before any engine work: a file that is no adapter costs no compile
+                    await asyncio.to_thread(targets, weights)
+                except (OSError, ValueError) as e:
+                    bad = [f"load failed: {e}"]
             if bad:
                 self._fail(a, "; ".join(bad))
                 before = old.get(a.name)

@@ -222,6 +222,7 @@ def test_an_adapter_that_cannot_load_is_reported_and_the_rest_keeps_serving(
     adapter_server: Server, tmp_path: Path
 ) -> None:
     repo = adapter_server.repository
+    builds = metric(adapter_server.url, "lora_serve_engine_builds_total", "base_model")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
@@ -238,4 +239,5 @@ def test_an_adapter_that_cannot_load_is_reported_and_the_rest_keeps_serving(
         adapter = _complete(http, "sql_adapter", REFERENCE_PROMPT)
         assert same_greedy_answer(adapter, _complete(http, "merged_model", REFERENCE_PROMPT))
         assert "base_model" not in http.get("/v2/health/ready").json()["failures"]
+    assert metric(adapter_server.url, "lora_serve_engine_builds_total", "base_model") == builds  # refused unbuilt
     modelrepo.remove_entry(repo, "broken_adapter")
