@@ -8,6 +8,7 @@ that changes a weight with no variable would be applied in part, silently: it ne
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -17,6 +18,7 @@ Target = tuple[str, str]  # (tensor name up to ".lora_A" / ".lora_B" plus which 
 _MAX_HEADER = 100 << 20  # the format's own limit on its JSON header
 
 
+@functools.lru_cache(maxsize=1024)  # read at every reload by the registry and each engine: version files are immutable
 def targets(path: Path) -> frozenset[Target]:
     """The LoRA tensors of an adapter_model.safetensors as (module.lora_A or .lora_B, dtype); raises ValueError."""
     with path.open("rb") as f:
