@@ -9,7 +9,8 @@ went away calls `Engine.cancel`; the engine drops the job and confirms it, which
 counter records.
 
 If the engine process dies (a crash in OpenVINO, the OOM killer), its requests fail with an
-engine error, the engine reports itself `dead`, and the registry builds a new one.
+engine error, the engine reports itself `dead` (and calls what `when_dead` gave it), and the
+registry builds a new one at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -98,6 +100,7 @@ class Engine:
         self._ids = itertools.count()
         self._retired = False
         self._dead = False
+        self._on_death: Callable[[], None] | None = None
         self.steps = self.switches = self.cancelled = self.running = 0
         self.yielded = False  # runs at a lower priority while a replacement builds (yield_cpu)
         self._process, self._conn = _take_process()
@@ -142,6 +145,13 @@ class Engine:
         """The engine process ended without being retired or closed: it crashed or was killed."""
         return self._dead
 
+    def when_dead(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the reader thread) once the engine process has died; at once if it has."""
+        with self._lock:
+            self._on_death, dead = callback, self._dead
+        if dead:
+            callback()
+
     # ---- the async side ----
 
     def submit(self, request: Request) -> None:
@@ -156,7 +166,9 @@ class Engine:
             request.stream,
         )
         with self._lock:
-            if self._retired or self._dead:
+            if self._dead:
+                raise EngineClosed(f"{self.name} v{self.version}: its engine process stopped and restarts: try again")
+            if self._retired:
                 raise EngineClosed(f"{self.name} v{self.version} is being replaced: try again")
             if len(self._requests) >= self.settings.max_queue:
                 raise Overloaded(
@@ -269,11 +281,14 @@ class Engine:
                 self._requests.clear()
                 crashed = not self._retired
                 self._dead = crashed
+                on_death = self._on_death
             if crashed:
                 log.error(
                     "%s v%s: the engine process exited with code %s; %d requests failed",
                     self.name, self.version, self._process.returncode, len(orphans),
                 )
+                if on_death is not None:
+                    on_death()
             message = f"the engine process exited (code {self._process.returncode})"
             self._deliver([(r, Failed(message)) for r in orphans])
             self._conn.close()

@@ -192,6 +192,7 @@ class EngineCore:
         self._active: str | None = None
         self._applied: str | bool | None = False  # adapter set applied to the pipeline; False: never set
         self._slice_start = 0.0
+        self._step_failed = False
         self.steps = 0
         self.switches = 0  # adapter changes
         self.cancelled = 0  # jobs dropped on request
@@ -203,7 +204,15 @@ class EngineCore:
 
     @property
     def busy(self) -> bool:
-        return bool(self._running) or any(self._waiting.values())
+        # A cancelled sequence left in the pipeline needs a step to go, unless steps fail: then it waits for
+        # the next request's step rather than spin on a broken pipeline.
+        leftovers = not self._step_failed and self._pipe.has_non_finished_requests()
+        return bool(self._running) or any(self._waiting.values()) or leftovers
+
+    @property
+    def _empty(self) -> bool:
+        """Nothing in the pipeline: a cancelled sequence stays in it until the next step drops it."""
+        return not self._running and not self._pipe.has_non_finished_requests()
 
     def add(self, job: Job) -> list[tuple[int, Event]]:
         """Queue a job; a job the core cannot take is answered at once."""
@@ -266,15 +275,24 @@ class EngineCore:
             self._drop_unwanted()
         try:
             events += self._admit()
-            if self._running:
+            if not self._empty:
                 self._pipe.step()
+                self._step_failed = False
                 self.steps += 1
                 events += self._collect()
                 self._release_weights()
         except Exception as e:  # a failed step fails its batch, not the engine
             log.exception("step failed")
+            if not self._running:  # a step only to drop cancelled sequences: what waits for it would wait forever
+                events += self._fail_waiting(f"the engine failed: {e}")
+            self._step_failed = True
             events += self._fail_running(f"the engine failed: {e}")
         return events
+
+    def _fail_waiting(self, message: str) -> list[tuple[int, Event]]:
+        failed: list[tuple[int, Event]] = [(s.job.id, Failed(message)) for q in self._waiting.values() for s in q]
+        self._waiting.clear()
+        return failed
 
     def _fail_running(self, message: str) -> list[tuple[int, Event]]:
         failed: list[tuple[int, Event]] = []
@@ -290,7 +308,7 @@ class EngineCore:
             return []
         others = [k for k, q in self._waiting.items() if q and k != self._active]
         slice_over = bool(others) and time.monotonic() - self._slice_start > self.settings.time_slice
-        if not self._running and others and (slice_over or not self._waiting.get(self._active)):
+        if self._empty and others and (slice_over or not self._waiting.get(self._active)):
             # Pipeline empty: switch to the group whose oldest request has waited longest.
             self._active = min(others, key=lambda k: self._waiting[k][0].arrived)
             self._slice_start = time.monotonic()
@@ -302,6 +320,8 @@ class EngineCore:
             return []
         failed: list[tuple[int, Event]] = []
         if self._lora and self._applied != self._active:
+            if not self._empty:
+                return []  # a cancelled sequence is still in the pipeline: the next step drops it
             try:
                 self._apply_adapter(self._active)
             except Exception as e:

@@ -20,6 +20,7 @@ exits when the server's end of the socket closes (the server died).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -31,6 +32,8 @@ from serving.engine_core import AdapterSpec, EngineCore, Event
 def main(fd: int) -> None:
     # Ctrl-C reaches the whole process group: the server decides when its engines stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A crash inside OpenVINO kills the process: its Python stack goes to the server's log, to say where.
+    faulthandler.enable()
     conn = Connection(fd)
     try:
         label, log_level, folder, adapters, settings, numerics = conn.recv()

@@ -102,6 +102,8 @@ class Registry:
         self._manifests: dict[str, dict[str, Any]] = {}  # version path -> its manifest without the file hashes
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._restarter: asyncio.Task[None] | None = None
+        self._engine_died = asyncio.Event()
         self._retired: list[Engine] = []
 
     # ---- lifecycle ----
@@ -113,12 +115,14 @@ class Registry:
         if not self.repository.is_dir():
             raise FileNotFoundError(f"the repository {self.repository} is not a folder")
         self._watcher = asyncio.create_task(self._watch(), name="repository-watcher")
+        self._restarter = asyncio.create_task(self._restart_dead_engines(), name="engine-restarter")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._restarter):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         engines = list(self._engines.values()) + self._retired
         self.table = {}
         self._engines = {}
@@ -169,6 +173,25 @@ class Registry:
                 log.error("%s v%s: its engine process died; starting a new one", engine.name, engine.version)
                 del self._engines[key]
         return any(r.engine.dead for r in self.table.values())
+
+    async def _restart_dead_engines(self) -> None:
+        """Rebuild an engine as soon as its process dies, rather than at the next poll."""
+        while True:
+            await self._engine_died.wait()
+            self._engine_died.clear()
+            try:
+                await self.reload()
+            except Exception:  # reported; the watcher's polls try again
+                log.exception("restarting a dead engine failed")
+
+    def _waker(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """What an engine's reader thread calls when its process dies: wake `_restart_dead_engines`."""
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
+                loop.call_soon_threadsafe(self._engine_died.set)
+
+        return wake
 
     async def _apply(self, index: Index) -> None:
         old = self.table
@@ -301,6 +324,7 @@ class Registry:
                 if replacing is not None:
                     replacing.yield_cpu(False)
                 raise
+            engine.when_dead(self._waker(asyncio.get_running_loop()))
             log.info(
                 "loaded %s v%s with adapters %s in %.1f s",
                 model.name, model.version, [a.name for a in adapters] or "none", time.monotonic() - started,

@@ -25,10 +25,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 from demo.make_sources import DemoSources, ensure_demo_sources
-from tests.support import DemoRepository, build_demo_repository
+from tests.support import SERVER_LOGS, DemoRepository, build_demo_repository, crash_reports
 
 if TYPE_CHECKING:  # imports Prefect: only the tests that build with a flow pay for it
     from tasks.publish import Published
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failed test shows what a crashed engine process wrote in its server's log (faulthandler's stack)."""
+    report = yield
+    if report.failed:
+        for title, text in crash_reports(item.config.stash.get(SERVER_LOGS, [])):
+            report.sections.append((title, text))
+    return report
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 import modelrepo
 from demo.make_sources import DemoSources
@@ -18,6 +19,22 @@ from modelrepo.numerics import default_numerics
 from tasks.export import export_openvino
 from tasks.merge import merge_adapters
 from tasks.report import load_prompts
+
+# The log files of the servers the tests start (tests/serving/conftest.py's start_server): a failed test shows
+# what a crashed engine process wrote there (tests/conftest.py's report hook).
+SERVER_LOGS = pytest.StashKey[list[Path]]()
+CRASH_MARKS = ("Fatal Python error", "the engine process exited with code")
+
+
+def crash_reports(logs: list[Path], lines: int = 60) -> list[tuple[str, str]]:
+    """(title, text) for each log that records an engine crash: from its first crash line on, `lines` at most."""
+    reports = []
+    for log in logs:
+        text = log.read_text(errors="replace").splitlines() if log.exists() else []
+        at = next((i for i, line in enumerate(text) if any(m in line for m in CRASH_MARKS)), None)
+        if at is not None:
+            reports.append((f"engine crash in {log}", "\n".join(text[max(at - 5, 0) : at + lines])))
+    return reports
 
 
 def prompt_texts(*paths: Path) -> list[str]:

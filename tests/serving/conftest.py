@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import modelrepo
-from tests.support import DemoRepository
+from tests.support import SERVER_LOGS, DemoRepository
 
 ROOT = Path(__file__).resolve().parents[2]
 # Where the browser tests (test_page.py) put their screenshots: said at the end of the run. (Fixture and
@@ -57,9 +57,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def start_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator:
     """Start servers on demand; all are stopped at the end of the session."""
     started: list[Server] = []
+    logs = pytestconfig.stash.setdefault(SERVER_LOGS, [])
 
     def start(repository: Path, *args: str, env: dict[str, str] | None = None) -> Server:
         port = free_port()
@@ -73,6 +74,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
             )
         server = Server(f"http://127.0.0.1:{port}", repository, proc, log)
         started.append(server)
+        logs.append(log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:

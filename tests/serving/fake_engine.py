@@ -54,6 +54,9 @@ class FakeEngine:
     def cancel(self, r: Request) -> None:
         self.cancelled += 1
 
+    def when_dead(self, callback: object) -> None:
+        pass  # a fake engine has no process to die
+
     def can_take(self, adapters: list) -> str | None:
         return "a fake engine is built again for every adapter set"
 

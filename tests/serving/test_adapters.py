@@ -111,6 +111,21 @@ def test_streaming_through_an_adapter(adapter_server: Server) -> None:
     assert same_greedy_answer("".join(c["text"] for d in data[:-1] for c in json.loads(d)["choices"]), merged)
 
 
+def test_a_client_gone_mid_answer_does_not_fail_the_next_adapters_requests(adapter_server: Server) -> None:
+    """The cancelled sequence leaves the pipeline before the engine switches adapters (it once failed every switch)."""
+    cancelled = metric(adapter_server.url, "lora_serve_cancelled_requests_total", "base_model")
+    body = {"model": "base_model", "prompt": REFERENCE_PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with adapter_server.client() as http:
+        with http.stream("POST", "/v3/completions", json=body) as r:
+            next(x for x in r.iter_lines() if x.startswith("data: "))  # the first chunk, then away
+        wait_for(
+            lambda: metric(adapter_server.url, "lora_serve_cancelled_requests_total", "base_model") > cancelled,
+            what="the engine to drop the abandoned request",
+        )
+        for model in ("sql_adapter", "spell_adapter", "base_model"):
+            assert _complete(http, model, REFERENCE_PROMPT, 8)
+
+
 def test_an_unknown_adapter_is_404_listing_what_exists(adapter_server: Server) -> None:
     with adapter_server.client() as http:
         r = http.post("/v3/completions", json={"model": "sql_adaptor", "prompt": "x"})

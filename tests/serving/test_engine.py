@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from modelrepo.mapped import mapped_ranges, resident_bytes
 from serving.engine import YIELD_NICENESS, Engine, Request
 from serving.engine_core import (
     AdapterSpec,
+    Cancelled,
     Delta,
     EngineCore,
     EngineSettings,
@@ -196,8 +198,35 @@ def test_a_failed_step_fails_its_requests_and_the_core_goes_on(demo_repository: 
     assert core.add(Job(1, ids, config_fields(config), None)) == []
     [(job_id, event)] = core.step()
     assert job_id == 1 and isinstance(event, Failed) and "device lost" in event.message
-    assert not core.busy
+    assert not core.busy  # its cancelled sequence leaves with the next request's step: no spin on a broken pipeline
     assert _core_text(core, Job(2, ids, config_fields(config), None)) == expected
+
+
+def test_a_cancelled_request_does_not_fail_the_adapter_group_that_runs_next(demo_repository: DemoRepository) -> None:
+    """A cancelled sequence stays in the pipeline until the next step: switching adapters waits for that step."""
+    repo, sql = demo_repository.root, demo_repository.sources.sql_adapter
+    base = modelrepo.read_index(repo).entries["base_model"]
+    alpha = json.loads((sql / "adapter_config.json").read_text())
+    core = EngineCore(
+        repo / base.path,
+        [AdapterSpec("sql", sql / "adapter_model.safetensors", alpha["lora_alpha"] / alpha["r"])],
+        EngineSettings(),
+    )
+    config = ov_genai.GenerationConfig(str(repo / base.path / "generation_config.json"))
+    config.max_new_tokens = 24
+    ids = list(ov_genai.Tokenizer(str(repo / base.path)).encode(REFERENCE_PROMPT).input_ids.data[0])
+    expected = _core_text(core, Job(0, ids, config_fields(config), "sql"))
+    assert core.add(Job(1, ids, config_fields(config), None)) == []
+    core.step()  # the base's request runs
+    assert core.add(Job(2, ids, config_fields(config), "sql")) == []
+    [(_, cancelled)] = core.cancel(1)  # its client went away: the adapter's request may run next
+    assert isinstance(cancelled, Cancelled)
+    parts: list[str] = []
+    while core.busy:
+        for job_id, event in core.step():
+            assert job_id == 2 and isinstance(event, Delta | Finished), event
+            parts.append(event.text if isinstance(event, Delta) else "")
+    assert "".join(parts) == expected
 
 
 def test_adapters_set_on_a_running_core_serve_and_the_unwanted_go_once_idle(
@@ -272,6 +301,8 @@ async def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(dem
     repo = demo_repository.root
     base = modelrepo.read_index(repo).entries["base_model"]
     engine = Engine("base_model", base.version, repo / base.path, [], EngineSettings())
+    died = threading.Event()
+    engine.when_dead(died.set)
     try:
         assert await _run(engine, REFERENCE_PROMPT, None)
         # Frozen, the engine cannot finish the request before it dies: the kill always finds it in flight.
@@ -281,9 +312,12 @@ async def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(dem
         os.kill(engine._process.pid, signal.SIGKILL)  # the OOM killer, say
         _, event = await asyncio.wait_for(r.events.get(), 30)
         assert isinstance(event, Failed) and "engine process exited" in event.message, event
-        assert engine.dead and engine.pending == 0
-        with pytest.raises(EngineClosed):
+        assert engine.dead and engine.pending == 0 and died.wait(5)
+        with pytest.raises(EngineClosed, match="stopped and restarts"):
             engine.submit(_request(engine, REFERENCE_PROMPT, None, 5))
+        late = threading.Event()
+        engine.when_dead(late.set)  # asked after the death: called at once
+        assert late.is_set()
     finally:
         engine.close()
 
