@@ -38,7 +38,7 @@ def expected_figures(plan: Plan, only: set[str]) -> list[str]:
     cs = plan.concurrencies
     by_suite = {
         "serving": [f"serving.{what}.c{c}" for c in cs for what in ("throughput", "ttft")],
-        "reload": ["reload.latency", "reload.failed_requests"],
+        "reload": ["reload.latency", "reload.failed_requests", "reload.staged_latency"],
         "torch": [f"vs_torch.throughput.c{c}" for c in cs],
         "adapters": ["adapters.spread.throughput", "adapters.single.throughput", "adapters.publish.latency"],
         "build": ["build.wall", "build.peak_memory"],

@@ -1,7 +1,8 @@
-"""Hot reload under load: time from the index commit to the first answer from the new version, failed requests.
+"""Hot reload under load: time from the index commit to the first answer from the new version, failed requests;
+then the same for a staged version, from its promotion (the engine was built before that commit).
 
-Which version answered is read from the answer itself: the two versions' generation_config.json
-set different default max_new_tokens (V1_TOKENS, V2_TOKENS), and the probe requests set no
+Which version answered is read from the answer itself: the versions' generation_config.json set
+different default max_new_tokens (V1_TOKENS, V2_TOKENS, V3_TOKENS), and the probe requests set no
 max_tokens, so their usage.completion_tokens names the version. Greedy text would not do: with
 random weights, batching can flip near-tied tokens.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 
+import modelrepo
 from bench.artifacts import Artifacts
 from bench.load import InProcessEngine, LoadResult, completion_body, stream_one
 from bench.plan import Figure, Plan
@@ -23,6 +25,8 @@ from bench.server import READY, Server, publish
 
 V1_TOKENS = 5
 V2_TOKENS = 7
+V3_TOKENS = 9  # the staged reload's version
+STAGE_READY_S = 300  # at most, for a staged version's engine to be built
 PROBE_EVERY_S = 0.1
 PROBE_PROMPT = "def reload_probe("
 MAX_PROBES_IN_FLIGHT = 3
@@ -43,8 +47,16 @@ def cold_start(folder: Path, prompt: str) -> dict[str, float]:
 
 
 async def _reload_under_load(
-    plan: Plan, server: Server, model: str, new_ir: Path, prompts: PromptFactory, clients: int
+    plan: Plan,
+    server: Server,
+    model: str,
+    new_ir: Path,
+    prompts: PromptFactory,
+    clients: int,
+    new_tokens: int = V2_TOKENS,
+    staged: bool = False,
 ) -> dict[str, Any]:
+    """`staged`: publish the version staged, wait until the server has built it, then the commit is its promotion."""
     steady = LoadResult(clients, 0.0)
     during = LoadResult(clients, 0.0)
     bucket = steady
@@ -70,11 +82,23 @@ async def _reload_under_load(
 
         workers = [asyncio.create_task(worker()) for _ in range(clients)]
         await asyncio.sleep(STEADY_S)
+        stage_s = None
+        if staged:  # built under the same load; the clock starts at the promotion
+            t_stage = time.time()
+            entry = await asyncio.to_thread(
+                publish, server.repository, model, new_ir, generation={"max_new_tokens": new_tokens}, stage=True
+            )
+            while (await client.get(READY)).json().get("staged", {}).get(model, {}).get("ready") is not True:
+                if time.time() - t_stage > STAGE_READY_S:
+                    raise RuntimeError(f"the staged version was not built in {STAGE_READY_S} s")
+                await asyncio.sleep(PROBE_EVERY_S)
+            stage_s = round(time.time() - t_stage, 2)
         bucket = during
         t_publish = time.time()
         probe_tasks: list[asyncio.Task[None]] = []
         publishing = asyncio.create_task(asyncio.to_thread(
-            publish, server.repository, model, new_ir, generation={"max_new_tokens": V2_TOKENS}
+            (lambda: modelrepo.promote(server.repository, model)) if staged else
+            (lambda: publish(server.repository, model, new_ir, generation={"max_new_tokens": new_tokens}))
         ))
         first_new: float | None = None
         swapped: float | None = None  # when /v2/health/ready first showed the new generation
@@ -90,7 +114,7 @@ async def _reload_under_load(
                 # at a lower priority, and the next probe would wait for them.
                 probe_tasks.append(asyncio.create_task(probe(time.time())))
             await asyncio.sleep(PROBE_EVERY_S)
-            new = [p[1] for p in probes if p[2] == V2_TOKENS]
+            new = [p[1] for p in probes if p[2] == new_tokens]
             if new:
                 first_new = min(new)
                 break
@@ -107,9 +131,14 @@ async def _reload_under_load(
     new = [o for o in during.outcomes if o.fingerprint == f"{model}/{entry.version}" and o.ttft is not None]
     first_token = min((o.sent + o.ttft for o in new if o.ttft is not None), default=None)
     first_whole = min((o.sent + o.latency for o in new if o.error is None), default=None)
+    first_probe = first_new
+    first_output = min((t for t in (first_probe, first_token) if t is not None), default=None)
     return {
         "version": entry.version,
-        "publish_s": round(t_commit - t_publish, 2),  # copying and hashing the version folder, then the commit
+        # The first moment anyone got output from the new version: a probe's whole answer or a client's first token.
+        "commit_to_first_output_s": None if first_output is None else round(first_output - t_commit, 3),
+        "staged_build_s": stage_s,  # staged: its publish to its engine ready in the server, under the same load
+        "publish_s": round(t_commit - t_publish, 2),  # copying and hashing the version folder (or the promotion)
         "commit_to_first_answer_s": None if first_new is None else round(first_new - t_commit, 3),
         # Detection (watchfiles, or the poll), verifying the manifest's hashes, loading the engine, the swap:
         "commit_to_routing_swap_s": None if swapped is None else round(swapped - t_commit, 3),
@@ -123,7 +152,7 @@ async def _reload_under_load(
         "probe_failures": probe_failures[:3],
         "failed_during": during.failed + len(probe_failures),
         "requests_during": len(during.outcomes) + len(probes),
-        "stale_probes_after_commit": sum(1 for p in probes if p[0] > t_commit and p[2] == V1_TOKENS),
+        "stale_probes_after_commit": sum(1 for p in probes if p[0] > t_commit and p[2] != new_tokens),
     }
 
 
@@ -155,4 +184,27 @@ def measure_reload(
             target="0", met=body["failed_during"] == 0 and body["commit_to_first_answer_s"] is not None,
         ),
     ]
+    staged = asyncio.run(_reload_under_load(
+        plan, server, model, art.merged_ir(0), prompts, clients, new_tokens=V3_TOKENS, staged=True
+    ))
+    body["staged"] = staged
+    # No compile after the promotion: what is left is the load's own queue, so the baseline is the same load's
+    # time to a first token with no reload at all.
+    latency, queue_s = staged["commit_to_first_output_s"], staged["steady"]["ttft_p50_ms"] / 1000
+    figures.append(Figure(
+        "reload.staged_latency",
+        f"staged version promoted under {clients} clients: promotion commit to the new version's first output",
+        latency, queue_s, "s",
+        f"time to first token under the same {clients} clients with no reload (median)",
+        target=f"<= {MAX_RELOAD_S:g} s, 0 failed",
+        met=latency is not None and latency <= MAX_RELOAD_S and staged["failed_during"] == 0,
+        note=(f"swap {staged['commit_to_routing_swap_s']} s after the promotion; its engine was built "
+              f"{staged['staged_build_s']} s after the staged publish, under the same load; "
+              f"{staged['failed_during']} of {staged['requests_during']} requests failed; "
+              f"a direct publish: {body['commit_to_first_output_s']} s"),
+        extra={"staged_build_s": staged["staged_build_s"], "failed_during": staged["failed_during"],
+               "commit_to_routing_swap_s": staged["commit_to_routing_swap_s"],
+               "probe_answer_s": staged["commit_to_first_answer_s"],
+               "first_client_token_s": staged["commit_to_first_client_token_s"]},
+    ))
     return figures, body

@@ -21,15 +21,19 @@ READY = "/v2/health/ready"
 
 
 def publish(repository: Path, name: str, folder: Path, *, kind: str = "merged", base: str | None = None,
-            alpha: float | None = None, generation: dict[str, Any] | None = None) -> modelrepo.Entry:
-    """Publish `folder` as the next version of `name`; `generation` overrides generation_config.json fields.
+            alpha: float | None = None, generation: dict[str, Any] | None = None,
+            stage: bool = False) -> modelrepo.Entry:
+    """Publish `folder` as the next version of `name` (`stage`: staged); `generation` overrides
+    generation_config.json fields.
 
     The override goes through a folder of symlinks (publish_version copies the files they point to),
     so a 270 MB IR is not copied twice.
     """
     manifest = {"built_by": "bench", "source": str(folder)}
     if generation is None:
-        return modelrepo.publish_version(repository, name, kind, folder, manifest, base=base, alpha=alpha)  # type: ignore[arg-type]
+        return modelrepo.publish_version(  # type: ignore[arg-type]
+            repository, name, kind, folder, manifest, base=base, alpha=alpha, stage=stage
+        )
     with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp:
         staged = Path(tmp) / "model"
         staged.mkdir()
@@ -38,7 +42,9 @@ def publish(repository: Path, name: str, folder: Path, *, kind: str = "merged", 
                 (staged / f.name).symlink_to(f.resolve())
         body = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
         (staged / "generation_config.json").write_text(json.dumps(body | generation, indent=2), encoding="utf-8")
-        return modelrepo.publish_version(repository, name, kind, staged, manifest, base=base, alpha=alpha)  # type: ignore[arg-type]
+        return modelrepo.publish_version(  # type: ignore[arg-type]
+            repository, name, kind, staged, manifest, base=base, alpha=alpha, stage=stage
+        )
 
 
 def free_port() -> int:

@@ -63,6 +63,7 @@ def build_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     retention: int = 3,
+    stage: bool = False,
     work_dir: Path | None = None,
     inference_precision: Literal["auto", "f32", "bf16", "f16"] = "auto",
     kv_cache_precision: Literal["auto", "u8", "f16", "bf16", "f32"] = "auto",
@@ -123,7 +124,7 @@ def build_model(
         }
         kind = "merged" if fetched.adapters else "base"
         markdown = report.markdown(model_name)
-        opts = {"target_device": target_device, "retention": retention, "report_markdown": markdown}
+        opts = {"target_device": target_device, "retention": retention, "report_markdown": markdown, "stage": stage}
         published = publish(repository, model_name, kind, ir.folder, manifest, **opts)
         progress.step("publish")
         return published
@@ -251,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled (.bin) weights")
     p.add_argument("--trust-remote-code", action="store_true", help="accept custom model code")
     p.add_argument("--retention", type=int, default=3, help="versions kept per name (default 3)")
+    p.add_argument(
+        "--stage", action="store_true",
+        help="publish staged: servers build its engine ahead; `python -m modelrepo promote` makes it live at once",
+    )  # fmt: skip
     p.add_argument("--work-dir", type=Path, help="where intermediate builds are cached")
     return run("build_model", build_model, p.parse_args(argv))
 

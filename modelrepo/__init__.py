@@ -3,7 +3,7 @@
 It imports no ML library, so the server never pulls torch, peft or optimum in.
 Layout (the contract in full: README, "The model repository")::
 
-    REPO/index.json              the commit point: which version of every name is live
+    REPO/index.json              the commit point: which version of every name is live (and which are staged)
     REPO/config.json             the same models in the format OpenVINO Model Server reads
     REPO/.lock                   the lock every writer of index.json holds
     REPO/NAME/VERSION/           an immutable version folder, with manifest.json
@@ -16,7 +16,7 @@ from modelrepo.errors import RepositoryError
 from modelrepo.index import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Entry, Index, read_index
 from modelrepo.manifest import MANIFEST, hash_files, read_manifest, verify_version
 from modelrepo.names import check_name
-from modelrepo.publish import commit_entry, publish_version, remove_entry, rollback
+from modelrepo.publish import commit_entry, promote, publish_version, remove_entry, rollback
 from modelrepo.store import Snapshot, Store, is_object_store, open_store
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "hash_files",
     "is_object_store",
     "open_store",
+    "promote",
     "publish_version",
     "read_index",
     "read_manifest",

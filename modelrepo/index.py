@@ -56,20 +56,21 @@ class Entry:
 
 @dataclass(frozen=True)
 class Index:
-    """The whole index; `generation` grows by one on every commit, so a reader can tell a change."""
+    """The whole index; `generation` grows by one on every commit, so a reader can tell a change.
+
+    `staged`: complete versions not live yet (a two-phase publish): servers build their engines ahead, so
+    that `promoted` (the commit that makes one live) swaps with no compile. A reader that does not know
+    the key ignores it and serves what `models` says.
+    """
 
     entries: dict[str, Entry] = field(default_factory=dict)
     generation: int = 0
+    staged: dict[str, Entry] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        body = {
-            "format": FORMAT,
-            "generation": self.generation,
-            "models": {
-                name: {k: v for k, v in asdict(e).items() if k != "name" and v is not None}
-                for name, e in sorted(self.entries.items())
-            },
-        }
+        body: dict[str, object] = {"format": FORMAT, "generation": self.generation, "models": _bodies(self.entries)}
+        if self.staged:
+            body["staged"] = _bodies(self.staged)
         return json.dumps(body, indent=2) + "\n"
 
     @classmethod
@@ -80,30 +81,69 @@ class Index:
             raise RepositoryError(f"{INDEX} is not valid JSON: {e}") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT or not isinstance(body.get("models"), dict):
             raise RepositoryError(f"{INDEX} is not a format-{FORMAT} index (no 'format': {FORMAT} and 'models' object)")
-        entries: dict[str, Entry] = {}
-        for name, raw in body["models"].items():
-            if not isinstance(raw, dict):
-                raise RepositoryError(f"{INDEX}: entry {name!r} is not an object")
-            try:
-                entry = Entry(name=name, **raw)
-            except TypeError as e:
-                raise RepositoryError(f"{INDEX}: entry {name!r}: {e}") from None
-            entries[name] = entry.check()
-        for e in entries.values():
+        entries = _entries(body["models"], "entry")
+        staged = _entries(body.get("staged", {}), "staged entry")
+        for e in [*entries.values(), *staged.values()]:
             if e.kind == "adapter" and (e.base not in entries or entries[e.base].kind == "adapter"):
                 raise RepositoryError(f"{INDEX}: adapter {e.name!r} names base {e.base!r}, which is not a served model")
         generation = body.get("generation", 0)
         if not isinstance(generation, int):
             raise RepositoryError(f"{INDEX}: generation must be an integer, got {generation!r}")
-        return cls(entries=entries, generation=generation)
+        return cls(entries=entries, generation=generation, staged=staged)
 
     def with_entry(self, entry: Entry) -> Index:
-        return replace(self, entries={**self.entries, entry.name: entry.check()}, generation=self.generation + 1)
+        """`entry` live; a version of its name staged before it is no longer to be promoted."""
+        staged = {k: v for k, v in self.staged.items() if k != entry.name or v.version > entry.version}
+        return replace(
+            self, entries={**self.entries, entry.name: entry.check()}, staged=staged, generation=self.generation + 1
+        )
+
+    def with_staged(self, entry: Entry) -> Index:
+        return replace(self, staged={**self.staged, entry.name: entry.check()}, generation=self.generation + 1)
+
+    def promoted(self, name: str, published_at: str) -> Index:
+        """The staged version of `name` live (raises KeyError if none is staged)."""
+        entry = replace(self.staged[name], published_at=published_at)
+        return replace(
+            self,
+            entries={**self.entries, name: entry},
+            staged={k: v for k, v in self.staged.items() if k != name},
+            generation=self.generation + 1,
+        )
 
     def without(self, name: str) -> Index:
         return replace(
-            self, entries={k: v for k, v in self.entries.items() if k != name}, generation=self.generation + 1
+            self,
+            entries={k: v for k, v in self.entries.items() if k != name},
+            staged={k: v for k, v in self.staged.items() if k != name},
+            generation=self.generation + 1,
         )
+
+    def named(self) -> list[Entry]:
+        """Every version the index names, live or staged: none may be swept or evicted."""
+        return [*self.entries.values(), *self.staged.values()]
+
+
+def _bodies(entries: dict[str, Entry]) -> dict[str, dict[str, object]]:
+    return {
+        name: {k: v for k, v in asdict(e).items() if k != "name" and v is not None}
+        for name, e in sorted(entries.items())
+    }
+
+
+def _entries(raw_entries: object, what: str) -> dict[str, Entry]:
+    if not isinstance(raw_entries, dict):
+        raise RepositoryError(f"{INDEX}: the {what}s are not an object")
+    entries: dict[str, Entry] = {}
+    for name, raw in raw_entries.items():
+        if not isinstance(raw, dict):
+            raise RepositoryError(f"{INDEX}: {what} {name!r} is not an object")
+        try:
+            entry = Entry(name=name, **raw)
+        except TypeError as e:
+            raise RepositoryError(f"{INDEX}: {what} {name!r}: {e}") from None
+        entries[name] = entry.check()
+    return entries
 
 
 def read_index(repository: str | os.PathLike[str]) -> Index:

@@ -126,7 +126,7 @@ class Mirror:
         snap = self.poller.read_index_if_changed(self.token)
         if snap is None:
             return False
-        for entry in snap.index.entries.values():
+        for entry in snap.index.named():
             self._fetch(entry.path)
         write_atomic(self.root / CONFIG, config_text(snap.index))  # so OVMS could serve the copy too
         write_atomic(self.root / INDEX, snap.index.to_json())
@@ -159,7 +159,7 @@ class Mirror:
     def evict(self, serving: set[str]) -> list[str]:
         """Delete the cached versions neither the copy's index names nor `serving` holds, and dead downloads."""
         with self._busy:  # the index read here is the one the copy holds: a sync cannot replace it meanwhile
-            return self._evict(serving | {e.path for e in read_index(self.root).entries.values()})
+            return self._evict(serving | {e.path for e in read_index(self.root).named()})
 
     def _evict(self, keep: set[str]) -> list[str]:
         removed = []

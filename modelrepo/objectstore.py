@@ -431,7 +431,7 @@ class ObjectStore:
             def change(index: Index) -> Index:
                 fits(index, version, self.location)
                 committed[:] = [new_entry(version, number)]
-                return index.with_entry(committed[0])
+                return index.with_staged(committed[0]) if version.stage else index.with_entry(committed[0])
 
             self.update_index(change)
         except BaseException:
@@ -473,7 +473,7 @@ class ObjectStore:
             elif p.complete and p.claim and (now - p.claim_modified).total_seconds() > self.stale_after:
                 obstore.delete(self.s3, p.claim)  # killed between its manifest and releasing its claim
         if retention is not None:
-            live = {e.version for e in self.snapshot().index.entries.values() if e.name == name}
+            live = {e.version for e in self.snapshot().index.named() if e.name == name}
             complete = sorted(n for n, p in found.items() if p.complete)
             for number in complete[:-retention]:
                 p = found[number]
@@ -497,8 +497,7 @@ class ObjectStore:
         except FileNotFoundError:
             return True
         obstore.delete(self.s3, manifest)
-        entry = self.snapshot().index.entries.get(name)
-        if entry is not None and entry.version == number:
+        if any(e.name == name and e.version == number for e in self.snapshot().index.named()):
             obstore.put(self.s3, manifest, body)
             log.warning("%s/%s: rolled back to while it was being removed; kept", self.location, manifest)
             return False

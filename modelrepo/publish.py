@@ -78,12 +78,14 @@ def publish_version(
     alpha: float | None = None,
     device: str = "CPU",
     retention: int = 3,
+    stage: bool = False,
 ) -> Entry:
     """Copy `source` into a new version of `name`, make it live, and return its index entry.
 
     The version is complete (and fsynced, or uploaded and read back) before the index names it; a
     publish killed at any point leaves the index on the previous version. `retention` versions are
-    kept, plus any the index names.
+    kept, plus any the index names. `stage`: the index names it as staged, not live; `promote` makes it
+    live (servers build a staged model's engine ahead, so the promotion swaps with no compile).
     """
     check_name(name)
     if retention < 1:
@@ -91,7 +93,7 @@ def publish_version(
     if base is not None:
         check_name(base)
     return open_store(repository).publish(
-        NewVersion(name, kind, Path(source), manifest, base, alpha, device, retention)
+        NewVersion(name, kind, Path(source), manifest, base, alpha, device, retention, stage)
     )
 
 
@@ -188,7 +190,7 @@ class LocalStore:
                 _fsync_tree(staging)
                 os.rename(staging, repo / name / str(number))
                 fsync_dir(repo / name)
-                _commit(repo, index.with_entry(entry))
+                _commit(repo, index.with_staged(entry) if version.stage else index.with_entry(entry))
                 _sweep(repo, name, read_index(repo), version.retention)
             return entry
         finally:
@@ -198,7 +200,7 @@ class LocalStore:
 
 def _sweep(repo: Path, name: str, index: Index, retention: int) -> None:
     """Remove versions past the retention count that the index does not name, and dead staging."""
-    live = {e.version for e in index.entries.values() if e.name == name}
+    live = {e.version for e in index.named() if e.name == name}
     for v in versions(repo, name)[:-retention]:
         if v not in live:
             shutil.rmtree(repo / name / str(v), ignore_errors=True)
@@ -220,6 +222,27 @@ def commit_entry(repository: str | os.PathLike[str] | Store, entry: Entry) -> En
 
     store.update_index(change)
     return entry
+
+
+def promote(repository: str | os.PathLike[str] | Store, name: str) -> Entry:
+    """Make the staged version of `name` live (the second phase of a staged publish)."""
+    store = open_store(repository)
+    promoted: list[Entry] = []
+
+    def change(index: Index) -> Index:
+        staged = index.staged.get(check_name(name))
+        if staged is None:
+            raise RepositoryError(
+                f"{name!r} has no staged version in {store.location}; staged: {sorted(index.staged) or 'none'}"
+            )
+        if not store.has_version(staged.path):
+            raise RepositoryError(f"{staged.path} is not a complete version folder in {store.location}")
+        after = index.promoted(name, datetime.now(UTC).isoformat(timespec="seconds"))
+        promoted[:] = [after.entries[name]]
+        return after
+
+    store.update_index(change)
+    return promoted[0]
 
 
 def rollback(repository: str | os.PathLike[str] | Store, name: str, version: int | None = None) -> Entry:

@@ -51,6 +51,7 @@ class NewVersion:
     alpha: float | None
     device: str
     retention: int
+    stage: bool = False  # staged (not live) until promoted: servers build its engine ahead
 
 
 @runtime_checkable

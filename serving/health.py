@@ -27,6 +27,9 @@ async def ready(registry: NamedDependency[Registry]) -> dict[str, Any]:
         "generation": registry.generation,
         "models": {n: r.entry.version for n, r in sorted(registry.table.items())},
         "failures": {n: {"version": f.version, "error": f.message} for n, f in sorted(registry.failures.items())},
+        "staged": {
+            n: {"version": s.version, "ready": s.error is None, "error": s.error} for n, s in registry.staged.items()
+        },
     }
     mirror = registry.mirror
     if mirror is not None:  # served from a copy of a bucket: say how current the copy is; stale still serves

@@ -54,7 +54,9 @@ class _EngineCollector(Collector):
         ready = GaugeMetricFamily(f"{PREFIX}_ready", "1 once the first load of the repository is done")
         ready.add_metric([], 1 if self.registry.ready else 0)
         engines = GaugeMetricFamily(
-            f"{PREFIX}_engines", "Pipelines in memory: serving, or retired and finishing", labels=["state"]
+            f"{PREFIX}_engines",
+            "Pipelines in memory: serving (live), built ahead for a staged version, or retired and finishing",
+            labels=["state"],
         )
         for state, count in self.registry.engine_counts().items():
             engines.add_metric([state], count)
@@ -69,7 +71,13 @@ class _EngineCollector(Collector):
         )
         for name, count in sorted(self.registry.live_adapter_updates.items()):
             live.add_metric([name], count)
-        yield from (depth, running, loaded, failed, ready, cancelled, switches, engines, builds, live)
+        staged = GaugeMetricFamily(
+            f"{PREFIX}_staged_ready", "1 when the staged version's engine is built: promoting it swaps at once",
+            labels=["model", "version"],
+        )
+        for name, st in sorted(self.registry.staged.items()):
+            staged.add_metric([name, str(st.version)], 1 if st.error is None else 0)
+        yield from (depth, running, loaded, failed, ready, cancelled, switches, engines, builds, live, staged)
         if self.registry.mirror is not None:
             yield from _store_metrics(self.registry.mirror)
 

@@ -74,6 +74,14 @@ class Failure:
     at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A staged version of a model: its engine built ahead (`error` None), so that its promotion swaps at once."""
+
+    version: int
+    error: str | None = None
+
+
 class Registry:
     """Owns the engines and the routing table of one repository."""
 
@@ -92,6 +100,7 @@ class Registry:
         self.poll_interval = poll_interval
         self.table: dict[str, Route] = {}
         self.failures: dict[str, Failure] = {}
+        self.staged: dict[str, Staged] = {}  # the index's staged models, and whether their engines are ready
         self.generation: int | None = None
         self.ready = False
         self.reloads = 0
@@ -206,10 +215,10 @@ class Registry:
             if name not in index.entries and name != "index.json":
                 del self.failures[name]
         self.table = table  # the swap: one assignment
-        used = {id(r.engine) for r in table.values()}
         for engine in {id(r.engine): r.engine for r in table.values()}.values():
             if engine.yielded:  # its replacement failed (to load, or to verify): it keeps serving, at full priority
                 engine.yield_cpu(False)
+        used = {id(r.engine) for r in table.values()} | await self._warm_staged(index, table)
         for key, engine in list(self._engines.items()):
             if id(engine) not in used:
                 del self._engines[key]
@@ -218,6 +227,33 @@ class Registry:
                 log.info("retired %s v%s (releases its pipeline when idle)", engine.name, engine.version)
         self._retired = [e for e in self._retired if not e.released]
         log.info("serving %s", ", ".join(f"{n} v{r.entry.version}" for n, r in sorted(table.items())) or "nothing")
+
+    async def _warm_staged(self, index: Index, table: dict[str, Route]) -> set[int]:
+        """Build the engines of the staged models (after the swap: live changes do not wait); their ids.
+
+        An engine is keyed by its version and adapter set, so the promotion finds it built and swaps with no
+        compile. A staged adapter needs nothing ahead: it goes live on its base's running engine.
+        """
+        warm: set[int] = set()
+        staged: dict[str, Staged] = {}
+        for entry in sorted(index.staged.values(), key=lambda e: e.name):
+            if entry.kind == "adapter":
+                continue
+            problems = await self._verify(entry)
+            if not problems:
+                adapters = [a for a in index.entries.values() if a.kind == "adapter" and a.base == entry.name]
+                try:
+                    engine = await self._engine(entry, await self._choose_adapters(entry, adapters, table))
+                    warm.add(id(engine))
+                except Exception as e:
+                    problems = [f"load failed: {e}"]
+            if problems:
+                log.error("staged %s v%s cannot be served: %s", entry.name, entry.version, "; ".join(problems))
+            elif self.staged.get(entry.name) != Staged(entry.version):
+                log.info("staged %s v%s is ready: its promotion swaps at once", entry.name, entry.version)
+            staged[entry.name] = Staged(entry.version, "; ".join(problems) or None)
+        self.staged = staged
+        return warm
 
     async def _routes_for(self, model: Entry, adapters: list[Entry], old: dict[str, Route]) -> dict[str, Route]:
         """Routes for a model and its adapters; on any failure, what served before keeps serving.
@@ -247,29 +283,7 @@ class Registry:
         previous: Route | None,
         verifying: asyncio.Task[list[str]],
     ) -> dict[str, Route]:
-        chosen: list[Entry] = []
-        for a in sorted(adapters, key=lambda a: a.name):
-            bad = await self._verify(a)
-            weights = self.repository / a.path / ADAPTER_WEIGHTS
-            limit = self.settings.max_adapter_bytes
-            if not bad and not weights.is_file():
-                bad = [f"{a.path} has no {ADAPTER_WEIGHTS}"]
-            elif not bad and (size := weights.stat().st_size) > limit:
-                bad = [f"{a.path}/{ADAPTER_WEIGHTS} is {size} bytes, over the limit of {limit} (--max-adapter-bytes)"]
-            elif not bad:
-                try:  # its header, before any engine work: a file that is no adapter costs no compile
-                    await asyncio.to_thread(targets, weights)
-                except (OSError, ValueError) as e:
-                    bad = [f"load failed: {e}"]
-            if bad:
-                self._fail(a, "; ".join(bad))
-                before = old.get(a.name)
-                if before is None or before.entry.base != model.name:
-                    continue
-                a = before.entry  # keep serving the adapter's previous version
-            else:
-                self.failures.pop(a.name, None)
-            chosen.append(a)
+        chosen = await self._choose_adapters(model, adapters, old)
         before_engine = previous.engine if previous else None
         served_before = {(r.name, r.entry.version) for r in old.values() if r.adapter and r.engine is before_engine}
         try:
@@ -297,6 +311,34 @@ class Registry:
         for a in chosen:
             routes[a.name] = Route(a, engine, adapter=_slot(a))
         return routes
+
+    async def _choose_adapters(self, model: Entry, adapters: list[Entry], old: dict[str, Route]) -> list[Entry]:
+        """The adapters to build `model`'s engine with: each checked; a broken one is reported and its previous
+        version on this model, if any, kept."""
+        chosen: list[Entry] = []
+        for a in sorted(adapters, key=lambda a: a.name):
+            bad = await self._verify(a)
+            weights = self.repository / a.path / ADAPTER_WEIGHTS
+            limit = self.settings.max_adapter_bytes
+            if not bad and not weights.is_file():
+                bad = [f"{a.path} has no {ADAPTER_WEIGHTS}"]
+            elif not bad and (size := weights.stat().st_size) > limit:
+                bad = [f"{a.path}/{ADAPTER_WEIGHTS} is {size} bytes, over the limit of {limit} (--max-adapter-bytes)"]
+            elif not bad:
+                try:  # its header, before any engine work: a file that is no adapter costs no compile
+                    await asyncio.to_thread(targets, weights)
+                except (OSError, ValueError) as e:
+                    bad = [f"load failed: {e}"]
+            if bad:
+                self._fail(a, "; ".join(bad))
+                before = old.get(a.name)
+                if before is None or before.entry.base != model.name:
+                    continue
+                a = before.entry  # keep serving the adapter's previous version
+            else:
+                self.failures.pop(a.name, None)
+            chosen.append(a)
+        return chosen
 
     async def _engine(self, model: Entry, adapters: list[Entry], replacing: Engine | None = None) -> Engine:
         """The engine for a model version and adapter set: the loaded one, or a new one built in a thread.
@@ -447,8 +489,13 @@ class Registry:
     # ---- reporting ----
 
     def engine_counts(self) -> dict[str, int]:
-        """Engines serving the table, and retired ones still finishing their requests."""
-        return {"live": len(self._engines), "retiring": sum(not e.released for e in self._retired)}
+        """Engines serving the table, built ahead for staged versions, and retired ones finishing their requests."""
+        serving = {id(r.engine) for r in self.table.values()}
+        return {
+            "live": sum(id(e) in serving for e in self._engines.values()),
+            "staged": sum(id(e) not in serving for e in self._engines.values()),
+            "retiring": sum(not e.released for e in self._retired),
+        }
 
     async def manifest(self, entry: Entry) -> dict[str, Any]:
         """The manifest of a live version, without its table of file hashes (read once: versions are immutable)."""

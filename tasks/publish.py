@@ -53,8 +53,11 @@ class Published:
     version: int
     path: Path | str  # the version folder, or its s3:// URL
     published: bool  # False: an identical build was already live (and --overwrite was not given)
+    staged: bool = False  # published staged: live once promoted (`python -m modelrepo promote`)
 
     def __str__(self) -> str:
+        if self.published and self.staged:
+            return f"{self.name} version {self.version} is staged: {self.path} (live once promoted)"
         if self.published:
             return f"{self.name} version {self.version} is live: {self.path}"
         return f"{self.name} is up to date: version {self.version} was built from the same inputs ({self.path})"
@@ -96,8 +99,10 @@ def publish_model(
     base: str | None = None,
     alpha: float | None = None,
     report_markdown: str | None = None,
+    stage: bool = False,
 ) -> Published:
-    """The build and its report as a new immutable version of `name` (modelrepo.publish_version), live at once."""
+    """The build and its report as a new immutable version of `name` (modelrepo.publish_version), live at once
+    or, with `stage`, staged: servers build its engine ahead and `python -m modelrepo promote` makes it live."""
     log = step_logger(__name__)
     log.info("publishing %s from %s into %s", name, folder, repository)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".publish-{name}-") as tmp:
@@ -107,10 +112,11 @@ def publish_model(
         if report_markdown:
             (staged / REPORT).write_text(report_markdown, encoding="utf-8")
         entry = modelrepo.publish_version(
-            repository, name, kind, staged, manifest, base=base, alpha=alpha, device=target_device, retention=retention
-        )
-    log.info("%s version %d is live in %s", name, entry.version, repository)
-    return Published(name, entry.version, modelrepo.open_store(repository).locate(entry.path), True)
+            repository, name, kind, staged, manifest,
+            base=base, alpha=alpha, device=target_device, retention=retention, stage=stage,
+        )  # fmt: skip
+    log.info("%s version %d is %s in %s", name, entry.version, "staged" if stage else "live", repository)
+    return Published(name, entry.version, modelrepo.open_store(repository).locate(entry.path), True, stage)
 
 
 def announce(
@@ -138,6 +144,7 @@ def announce(
             "prefect.resource.name": name,
             "lora.kind": kind,
             "lora.version": str(published.version),
+            "lora.staged": str(published.staged).lower(),
         },
         payload={
             "name": name,
@@ -148,17 +155,22 @@ def announce(
             "weight_format": manifest.get("weight_format"),
         },
     )
+    state = "staged" if published.staged else "live"
+    steer = (
+        f"- promote: `python -m modelrepo promote --repository {repository} --model {name}`\n"
+        if published.staged
+        else f"- roll back: `python -m modelrepo rollback --repository {repository} --model {name}`\n"
+    )
     create_markdown_artifact(
-        f"# {name} version {published.version} is live\n\n"
+        f"# {name} version {published.version} is {state}\n\n"
         f"- kind: {kind}{' on ' + str(base) if kind == 'adapter' else ''}\n"
         f"- folder: `{published.path}`\n"
         f"- weights: {manifest.get('weight_format')} for {manifest.get('target_device')}\n"
         f"- numerics: {Numerics.from_json(manifest['numerics'])}\n"
         f"- validation: agreement {validation.get('agreement')} (at least {validation.get('min_agreement')}), "
-        f"mean KL divergence {validation.get('kld_mean')}\n"
-        f"- roll back: `python -m modelrepo rollback --repository {repository} --model {name}`\n",
+        f"mean KL divergence {validation.get('kld_mean')}\n" + steer,
         key=key,
-        description=f"the live version of {name}",
+        description=f"the {state} version of {name}",
     )
 
 

@@ -43,6 +43,8 @@ def test_smoke_run_records_every_figure_with_its_baseline(
     assert all(run["completion_tokens"] > 0 and run["failed"] == 0 for c in serving.values() for run in c["http"])
     assert figures["reload.failed_requests"]["value"] == 0
     assert body["details"]["reload"]["commit_to_first_answer_s"] > 0
+    staged = body["details"]["reload"]["staged"]  # promoted: answered from the engine built ahead, nothing failed
+    assert staged["commit_to_first_answer_s"] > 0 and staged["failed_during"] == 0
     assert body["details"]["build"]["flow"]["returncode"] == 0
 
     table = (tmp_path / "smoke" / "RESULTS.md").read_text(encoding="utf-8")

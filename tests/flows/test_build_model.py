@@ -135,6 +135,16 @@ def test_fp16_merged_build_is_published_with_manifest_and_report_and_reused(
     assert "merged_model version 2 is live" in artifacts["published-merged-model"]
     assert "| prompt | base output | merged output | agreement |" in artifacts["validation-merged-model"]
     assert states["publish-merged_model"] == "Completed"
+    # --stage: the version is published beside the live one; a promotion makes it live.
+    staged = build_model(**args, overwrite=True, stage=True)
+    index = modelrepo.read_index(repo)
+    assert (staged.version, staged.staged) == (3, True) and "is staged" in str(staged)
+    assert index.entries["merged_model"].version == 2 and index.staged["merged_model"].version == 3
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: str(a.data) for a in client.read_latest_artifacts()}
+    assert "merged_model version 3 is staged" in artifacts["published-merged-model"]
+    assert "modelrepo promote" in artifacts["published-merged-model"]
+    assert modelrepo.promote(repo, "merged_model").version == 3
 
 
 def test_an_upgraded_tool_rebuilds_the_steps_it_shapes_and_the_manifest_records_it(

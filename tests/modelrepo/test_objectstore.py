@@ -22,6 +22,7 @@ from modelrepo import RepositoryError, read_index
 from modelrepo.index import Index
 from modelrepo.objectstore import CLAIM, ObjectStore, parse_url
 from modelrepo.store import Snapshot
+from tests.modelrepo.test_repository import check_staging
 
 ROOT = Path(__file__).parents[2]
 
@@ -258,6 +259,10 @@ def test_retention_and_rollback_on_a_bucket(bucket: str, tmp_path: Path) -> None
         modelrepo.remove_entry(bucket, "m")
     modelrepo.remove_entry(bucket, "sql")
     assert set(read_index(bucket).entries) == {"m"}
+
+
+def test_staging_and_promotion_on_a_bucket(bucket: str, tmp_path: Path) -> None:
+    check_staging(bucket, tmp_path)
 
 
 def test_a_publisher_whose_claim_was_swept_stops_before_its_manifest(bucket: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import modelrepo
 from modelrepo import RepositoryError, read_index
+from modelrepo.index import Index
 from modelrepo.publish import versions
 
 
@@ -80,6 +81,45 @@ def test_cli_lists_rolls_back_and_verifies(tmp_path: Path) -> None:
     (repo / "m/1/openvino_model.bin").write_text("tampered")
     bad = cli("verify")
     assert bad.returncode == 1 and "openvino_model.bin: sha256 differs" in bad.stdout
+
+
+def check_staging(repo: str | Path, tmp_path: Path) -> None:
+    """A staged version is complete and kept, not live, until promoted; a newer live one supersedes it."""
+    store = modelrepo.open_store(repo)
+    modelrepo.publish_version(repo, "m", "merged", _ir(tmp_path / "ir1", "1"), {})
+    staged = modelrepo.publish_version(repo, "m", "merged", _ir(tmp_path / "ir2", "2"), {}, stage=True, retention=1)
+    index = read_index(repo)
+    assert index.entries["m"].version == 1 and index.staged["m"] == staged and staged.version == 2
+    assert store.versions("m") == [1, 2]  # retention 1, but the index names both
+    assert store.verify_version("m/2") == []
+    assert Index.from_json(index.to_json()) == index
+    promoted = modelrepo.promote(repo, "m")
+    index = read_index(repo)
+    assert promoted.version == 2 and index.entries["m"] == promoted and not index.staged
+    with pytest.raises(RepositoryError, match="no staged version"):
+        modelrepo.promote(repo, "m")
+    modelrepo.publish_version(repo, "m", "merged", _ir(tmp_path / "ir3", "3"), {}, stage=True)
+    modelrepo.publish_version(repo, "m", "merged", _ir(tmp_path / "ir4", "4"), {})
+    assert read_index(repo).entries["m"].version == 4 and not read_index(repo).staged  # 3 will never be promoted
+    with pytest.raises(RepositoryError, match="is served as a merged model"):
+        modelrepo.publish_version(repo, "m", "base", _ir(tmp_path / "ir5"), {}, stage=True)
+
+
+def test_a_staged_version_is_kept_and_not_live_until_promoted(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    check_staging(repo, tmp_path)
+    modelrepo.publish_version(repo, "m", "merged", _ir(tmp_path / "ir6", "6"), {}, stage=True)
+    config = json.loads((repo / "config.json").read_text())  # OpenVINO Model Server serves the live version
+    assert config["model_config_list"][0]["config"]["base_path"] == "m/4"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "modelrepo", *args, "--repository", str(repo)],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[2])
+
+    assert "live 4\tstaged 5" in cli("list").stdout
+    out = cli("promote", "--model", "m")
+    assert out.returncode == 0 and "m now serves version 5" in out.stdout
+    assert cli("promote", "--model", "m").returncode == 2
 
 
 def test_adapter_entries_name_a_served_base(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,7 @@ import pytest
 import modelrepo
 from demo.data import REFERENCE_PROMPT
 from tests.serving.conftest import Server, version_source
-from tests.support import DemoRepository, wait_for
+from tests.support import DemoRepository, metric, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +29,15 @@ def _live(server: Server) -> dict[str, int]:
     return httpx.get(f"{server.url}/v2/health/ready").json()["models"]
 
 
-def test_publishing_under_load_switches_versions_with_no_failed_request(reload_server: Server, tmp_path: Path) -> None:
-    repo = reload_server.repository
-    before = _live(reload_server)["merged_model"]
+@contextlib.contextmanager
+def _asking(server: Server, seen: Counter[str], failures: list[str]) -> Iterator[None]:
+    """Four clients (two streaming) ask merged_model for the SQL while the block runs; `seen` counts the versions
+    that answered (system_fingerprint), `failures` gets every wrong answer."""
     stop = threading.Event()
-    seen: Counter[str] = Counter()
-    failures: list[str] = []
 
     def client_loop(stream: bool) -> None:
         body = {"model": "merged_model", "prompt": REFERENCE_PROMPT, "max_tokens": 24, "stream": stream}
-        with reload_server.client() as http:
+        with server.client() as http:
             while not stop.is_set():
                 try:
                     if stream:
@@ -60,15 +61,24 @@ def test_publishing_under_load_switches_versions_with_no_failed_request(reload_s
         c.start()
     try:
         wait_for(lambda: sum(seen.values()) >= 8, 30, "the first answers")
+        yield
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+
+
+def test_publishing_under_load_switches_versions_with_no_failed_request(reload_server: Server, tmp_path: Path) -> None:
+    repo = reload_server.repository
+    before = _live(reload_server)["merged_model"]
+    seen: Counter[str] = Counter()
+    failures: list[str] = []
+    with _asking(reload_server, seen, failures):
         entry = modelrepo.publish_version(
             repo, "merged_model", "merged", version_source(repo, "merged_model", tmp_path / "ir"), {"built_by": "test"}
         )
         assert entry.version == before + 1
         wait_for(lambda: seen[entry.path] >= 8, 30, "answers from the new version")
-    finally:
-        stop.set()
-        for c in clients:
-            c.join()
     assert failures == []
     assert seen[f"merged_model/{before}"] > 0 and seen[entry.path] > 0
     assert _live(reload_server)["merged_model"] == entry.version
@@ -77,6 +87,34 @@ def test_publishing_under_load_switches_versions_with_no_failed_request(reload_s
     retired = 'lora_serve_engines{state="retiring"} 0.0'
     wait_for(lambda: retired in httpx.get(metrics).text, 30, "the old engine's release")
     assert 'lora_serve_engines{state="live"} 2.0' in httpx.get(metrics).text
+
+
+def test_a_staged_version_is_built_ahead_and_its_promotion_swaps_with_no_compile(
+    reload_server: Server, tmp_path: Path
+) -> None:
+    repo, url = reload_server.repository, reload_server.url
+    before = _live(reload_server)["merged_model"]
+    builds = metric(url, "lora_serve_engine_builds_total", "merged_model")
+    seen: Counter[str] = Counter()
+    failures: list[str] = []
+
+    def staged() -> dict[str, dict[str, object]]:
+        return httpx.get(f"{url}/v2/health/ready").json()["staged"]
+
+    with _asking(reload_server, seen, failures):
+        source = version_source(repo, "merged_model", tmp_path / "ir")
+        entry = modelrepo.publish_version(repo, "merged_model", "merged", source, {"built_by": "test"}, stage=True)
+        wait_for(lambda: staged().get("merged_model", {}).get("ready") is True, 60, "the staged version's engine")
+        assert staged()["merged_model"]["version"] == entry.version
+        assert metric(url, "lora_serve_engine_builds_total", "merged_model") == builds + 1  # built ahead
+        assert 'lora_serve_engines{state="staged"} 1.0' in httpx.get(f"{url}/metrics").text
+        assert _live(reload_server)["merged_model"] == before and seen[entry.path] == 0  # not live
+        modelrepo.promote(repo, "merged_model")
+        wait_for(lambda: seen[entry.path] >= 8, 30, "answers from the promoted version")
+    assert failures == []
+    assert _live(reload_server)["merged_model"] == entry.version and staged() == {}
+    assert metric(url, "lora_serve_engine_builds_total", "merged_model") == builds + 1  # no compile at the promotion
+    assert 'lora_serve_engines{state="staged"} 0.0' in httpx.get(f"{url}/metrics").text
 
 
 def test_a_version_that_fails_to_load_is_reported_and_the_old_one_keeps_serving(
