@@ -8,12 +8,14 @@ LoRA variables on their weights is made on that engine, with no compile (Engine.
 hold the route they started with, so they finish on their version; engines the new table no
 longer uses are retired and release their pipeline once idle. A version that fails to verify
 against its manifest or to load is logged and kept in `failures` (readiness, /v1/config and
-metrics show it), and the name keeps the route it had.
+metrics show it), and the name keeps the route it had. A model version the index lists as staged
+gets its engine built after the swap, beside the live one (`staged`), so the commit that promotes
+it finds the engine built and swaps with no compile.
 
 Changes are noticed by watchfiles on the repository folder (index.json is replaced atomically by
 every publish, rollback and removal) and, for storage where file events are unreliable, by
-comparing the index's generation number every `poll_interval` seconds. The same poll rebuilds an
-engine whose process died (a crash, the OOM killer): its names answer 503 until it is back.
+comparing the index's generation number every `poll_interval` seconds. An engine whose process
+died (a crash, the OOM killer) is rebuilt at once: its names answer 503 until it is back.
 
 A repository on an object store is served from a local copy (`modelrepo.mirror.Mirror`): every
 `poll_interval` seconds the mirror asks the store whether its index changed and, if so, downloads

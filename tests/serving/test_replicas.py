@@ -19,7 +19,7 @@ import modelrepo.objectstore
 from demo.data import REFERENCE_PROMPT
 from tests.conftest import S3Server
 from tests.serving.conftest import Server, version_source
-from tests.support import DemoRepository, pinned_manifest, wait_for
+from tests.support import DemoRepository, metric, pinned_manifest, wait_for
 
 pytestmark = pytest.mark.slow
 POLL_INTERVAL = 2.0  # the server's default
@@ -272,6 +272,39 @@ def test_three_replicas_under_load_converge_on_a_publish_with_no_failed_request(
     print(f"\nconvergence of 3 replicas (poll {POLL_INTERVAL:g} s): "
           + ", ".join(f"{t:.1f} s" for t in sorted(converged.values())))
 
+
+
+def test_replicas_build_a_staged_version_ahead_and_switch_on_its_promotion_with_no_compile(
+    start_server, bucket: str, demo_repository: DemoRepository, tmp_path: Path
+) -> None:
+    first = _publish(bucket, demo_repository, "merged_model", tmp_path)
+    replicas = [_start_replica(start_server, bucket, tmp_path / f"cache-{i}") for i in range(2)]
+
+    def builds(r: Server) -> float:
+        return metric(r.url, "lora_serve_engine_builds_total", "merged_model")
+
+    with Load(replicas) as load:
+        wait_for(lambda: load.seen[first.path] >= 4, 120, "answers from both replicas")
+        source = version_source(demo_repository.root, "merged_model", tmp_path / "staged")
+        entry = modelrepo.publish_version(bucket, "merged_model", "merged", source, pinned_manifest(), stage=True)
+        wait_for(
+            lambda: all(_ready(r)["staged"].get("merged_model", {}).get("ready") for r in replicas),
+            120,
+            "the staged version built on both replicas",
+        )
+        built = [builds(r) for r in replicas]
+        assert load.seen[entry.path] == 0
+        assert all(_ready(r)["models"]["merged_model"] == first.version for r in replicas)
+        modelrepo.promote(bucket, "merged_model")
+        wait_for(
+            lambda: all(_ready(r)["models"]["merged_model"] == entry.version for r in replicas),
+            120,
+            "both replicas on the promoted version",
+        )
+        before = load.seen[entry.path]
+        wait_for(lambda: load.seen[entry.path] >= before + 4, 120, "answers from the promoted version")
+    assert load.failures == []
+    assert [builds(r) for r in replicas] == built  # the promotion compiled nothing
 
 
 def test_a_reload_on_demand_polls_the_bucket_at_once(
