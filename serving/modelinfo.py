@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import openvino_genai as ov_genai
 
 import modelrepo
 from modelrepo.numerics import Numerics, pinned
+from serving.engine_core import build_config, config_fields
 
 MODEL_XML = "openvino_model.xml"
 GENERATION_CONFIG = "generation_config.json"
@@ -20,11 +23,13 @@ class ModelInfo:
     folder: Path
     context_length: int  # tokens, prompt and completion together
     numerics: Numerics | None = None  # what the version pins; None: built before versions pinned their numerics
+    # generation_config.json as GenerationConfig fields, read once at load: a request never reads the version's
+    # folder, which a replica's cache evicts as soon as the version is replaced (a request may still be on it).
+    generation_defaults: dict[str, object] = field(default_factory=dict)
 
-    @property
-    def generation_config(self) -> str:
-        """Path of generation_config.json, the model's own defaults (genai reads it)."""
-        return str(self.folder / GENERATION_CONFIG)
+    def generation_config(self) -> ov_genai.GenerationConfig:
+        """A new GenerationConfig holding the model's own defaults."""
+        return build_config(self.generation_defaults)
 
 
 def read_model_info(folder: Path) -> ModelInfo:
@@ -41,4 +46,5 @@ def read_model_info(folder: Path) -> ModelInfo:
                 context = body[key]
                 break
     manifest = modelrepo.read_manifest(folder) if (folder / modelrepo.MANIFEST).is_file() else {}
-    return ModelInfo(folder=folder, context_length=context, numerics=pinned(manifest))
+    defaults = config_fields(ov_genai.GenerationConfig(str(folder / GENERATION_CONFIG)))
+    return ModelInfo(folder=folder, context_length=context, numerics=pinned(manifest), generation_defaults=defaults)

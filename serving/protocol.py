@@ -84,15 +84,16 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def to_generation_config(
         self,
-        model_defaults: str,
+        model_defaults: ov_genai.GenerationConfig,
         *,
         prompt_tokens: int,
         context_length: int,
         choice_index: int = 0,
         logprobs: int = 0,
     ) -> ov_genai.GenerationConfig:
-        """One sequence's GenerationConfig (`n` choices are `n` requests), from the model's generation_config.json."""
-        config = ov_genai.GenerationConfig(model_defaults)
+        """One sequence's GenerationConfig (`n` choices are `n` requests): `model_defaults` (a new one, the model's
+        generation_config.json) with the request's settings."""
+        config = model_defaults
         room = context_length - prompt_tokens
         if room < 1:
             raise InvalidParameter(

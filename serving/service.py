@@ -317,7 +317,7 @@ class Service:
                 Request(
                     prompt_ids=x,
                     config=req.to_generation_config(
-                        engine.info.generation_config,
+                        engine.info.generation_config(),
                         prompt_tokens=len(x),
                         context_length=engine.info.context_length,
                         choice_index=j,

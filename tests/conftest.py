@@ -31,12 +31,21 @@ if TYPE_CHECKING:  # imports Prefect: only the tests that build with a flow pay 
     from tasks.publish import Published
 
 
+_LOG_SIZES = pytest.StashKey[dict[Path, int]]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Where each server log ends before the test: a failure shows only the crashes during it."""
+    item.stash[_LOG_SIZES] = {log: log.stat().st_size for log in item.config.stash.get(SERVER_LOGS, []) if log.exists()}
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
     """A failed test shows what a crashed engine process wrote in its server's log (faulthandler's stack)."""
     report = yield
     if report.failed:
-        for title, text in crash_reports(item.config.stash.get(SERVER_LOGS, [])):
+        since = item.stash.get(_LOG_SIZES, {})
+        for title, text in crash_reports(item.config.stash.get(SERVER_LOGS, []), since):
             report.sections.append((title, text))
     return report
 

@@ -26,11 +26,16 @@ SERVER_LOGS = pytest.StashKey[list[Path]]()
 CRASH_MARKS = ("Fatal Python error", "the engine process exited with code")
 
 
-def crash_reports(logs: list[Path], lines: int = 60) -> list[tuple[str, str]]:
-    """(title, text) for each log that records an engine crash: from its first crash line on, `lines` at most."""
+def crash_reports(logs: list[Path], since: dict[Path, int], lines: int = 60) -> list[tuple[str, str]]:
+    """(title, text) for each log that records an engine crash after byte `since[log]` (0 for a log not in it):
+    from its first crash line on, `lines` at most."""
     reports = []
     for log in logs:
-        text = log.read_text(errors="replace").splitlines() if log.exists() else []
+        if not log.exists():
+            continue
+        with open(log, "rb") as f:
+            f.seek(since.get(log, 0))
+            text = f.read().decode(errors="replace").splitlines()
         at = next((i for i, line in enumerate(text) if any(m in line for m in CRASH_MARKS)), None)
         if at is not None:
             reports.append((f"engine crash in {log}", "\n".join(text[max(at - 5, 0) : at + lines])))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from serving.engine_core import (
     config_fields,
 )
 from serving.errors import EngineClosed
+from serving.modelinfo import read_model_info
 from tests.support import DemoRepository
 
 pytestmark = pytest.mark.slow
@@ -49,7 +51,7 @@ def engine(demo_repository: DemoRepository) -> Engine:
 
 
 def _request(engine: Engine, prompt: str, adapter: str | None, max_tokens: int, ignore_eos: bool = False) -> Request:
-    config = ov_genai.GenerationConfig(engine.info.generation_config)
+    config = engine.info.generation_config()
     config.max_new_tokens = max_tokens
     config.ignore_eos = ignore_eos
     ids = list(engine.tokenizer.encode(prompt).input_ids.data[0])
@@ -284,6 +286,20 @@ def test_the_core_releases_the_mapped_weights_the_plugin_has_copied(demo_reposit
     assert _core_text(core, Job(0, ids, config_fields(config), None))
     # Without the release, every page the first inference read (all the weights it copied) stays resident.
     assert resident_bytes([weights]) < weights.stat().st_size / 10
+
+
+def test_a_versions_generation_defaults_are_read_once_at_load(demo_repository: DemoRepository, tmp_path: Path) -> None:
+    """A request never reads the version's folder: a replica evicts it as soon as the version is replaced, while a
+    request that routed to it may still be preparing its GenerationConfig."""
+    repo = demo_repository.root
+    folder = shutil.copytree(repo / modelrepo.read_index(repo).entries["merged_model"].path, tmp_path / "version")
+    on_disk = json.loads((folder / "generation_config.json").read_text())
+    info = read_model_info(folder)
+    shutil.rmtree(folder)  # evicted
+    config = info.generation_config()
+    assert config.eos_token_id == on_disk["eos_token_id"]
+    config.max_new_tokens = 3  # a new config for every request: the defaults stay
+    assert info.generation_config().max_new_tokens != 3
 
 
 def test_a_generation_config_crosses_the_process_boundary_unchanged() -> None:
