@@ -39,14 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             index = store.snapshot().index
             bad = 0
-            for e in index.entries.values():
+            # list: one line a name (a name only staged, by a first publish, too); verify: live and staged versions
+            by_name = list({**index.staged, **index.entries}.values())
+            for e in by_name if args.command == "list" else index.named():
                 if args.model and e.name != args.model:
                     continue
                 if args.command == "list":
                     extra = f" on {e.base} (alpha {e.alpha:g})" if e.kind == "adapter" else ""
                     kept = store.versions(e.name)
+                    live = f"live {index.entries[e.name].version}" if e.name in index.entries else "not live"
                     staged = f"\tstaged {index.staged[e.name].version}" if e.name in index.staged else ""
-                    print(f"{e.name}\t{e.kind}{extra}\tlive {e.version}{staged}\tkept {kept}\t{e.published_at}")
+                    print(f"{e.name}\t{e.kind}{extra}\t{live}{staged}\tkept {kept}\t{e.published_at}")
                 else:
                     problems = store.verify_version(e.path)
                     bad += bool(problems)

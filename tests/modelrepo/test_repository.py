@@ -117,9 +117,12 @@ def test_a_staged_version_is_kept_and_not_live_until_promoted(tmp_path: Path) ->
                               capture_output=True, text=True, cwd=Path(__file__).parents[2])
 
     assert "live 4\tstaged 5" in cli("list").stdout
+    assert "m/5: ok" in cli("verify").stdout  # staged versions are checked too
     out = cli("promote", "--model", "m")
     assert out.returncode == 0 and "m now serves version 5" in out.stdout
     assert cli("promote", "--model", "m").returncode == 2
+    modelrepo.publish_version(repo, "first", "base", _ir(tmp_path / "first"), {}, stage=True)
+    assert "first\tbase\tnot live\tstaged 1" in cli("list").stdout  # a name only staged is listed
 
 
 def test_adapter_entries_name_a_served_base(tmp_path: Path) -> None:
