@@ -131,8 +131,7 @@ async def _reload_under_load(
     new = [o for o in during.outcomes if o.fingerprint == f"{model}/{entry.version}" and o.ttft is not None]
     first_token = min((o.sent + o.ttft for o in new if o.ttft is not None), default=None)
     first_whole = min((o.sent + o.latency for o in new if o.error is None), default=None)
-    first_probe = first_new
-    first_output = min((t for t in (first_probe, first_token) if t is not None), default=None)
+    first_output = min((t for t in (first_new, first_token) if t is not None), default=None)
     return {
         "version": entry.version,
         # The first moment anyone got output from the new version: a probe's whole answer or a client's first token.

@@ -107,6 +107,17 @@ def fits(index: Index, version: NewVersion, location: str) -> None:
         raise RepositoryError(f"{name!r} is served as a {current.kind} model, not a {kind} one")
 
 
+def _now() -> str:
+    """An entry's `published_at`: when the index named it live."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _require_version(store: Store, path: str) -> None:
+    """Raise unless `path` is a complete version in `store`: the index names no other."""
+    if not store.has_version(path):
+        raise RepositoryError(f"{path} is not a complete version folder in {store.location}")
+
+
 def new_entry(version: NewVersion, number: int) -> Entry:
     return Entry(
         name=version.name,
@@ -114,7 +125,7 @@ def new_entry(version: NewVersion, number: int) -> Entry:
         version=number,
         base=version.base,
         alpha=version.alpha,
-        published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        published_at=_now(),
     ).check()
 
 
@@ -216,8 +227,7 @@ def commit_entry(repository: str | os.PathLike[str] | Store, entry: Entry) -> En
     entry.check()
 
     def change(index: Index) -> Index:
-        if not store.has_version(entry.path):
-            raise RepositoryError(f"{entry.path} is not a complete version folder in {store.location}")
+        _require_version(store, entry.path)
         return index.with_entry(entry)
 
     store.update_index(change)
@@ -235,9 +245,8 @@ def promote(repository: str | os.PathLike[str] | Store, name: str) -> Entry:
             raise RepositoryError(
                 f"{name!r} has no staged version in {store.location}; staged: {sorted(index.staged) or 'none'}"
             )
-        if not store.has_version(staged.path):
-            raise RepositoryError(f"{staged.path} is not a complete version folder in {store.location}")
-        after = index.promoted(name, datetime.now(UTC).isoformat(timespec="seconds"))
+        _require_version(store, staged.path)
+        after = index.promoted(name, _now())
         promoted[:] = [after.entries[name]]
         return after
 
@@ -271,10 +280,9 @@ def rollback(repository: str | os.PathLike[str] | Store, name: str, version: int
             version=target,
             base=current.base,
             alpha=current.alpha,
-            published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            published_at=_now(),
         )
-        if not store.has_version(entry.path):
-            raise RepositoryError(f"{entry.path} is not a complete version folder in {store.location}")
+        _require_version(store, entry.path)
         chosen[:] = [entry, current]
         return index.with_entry(entry)
 
