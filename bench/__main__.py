@@ -57,6 +57,7 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
     from bench.adapters import measure_adapters
     from bench.artifacts import bench_sources, demo_sources, ensure_artifacts
     from bench.build import measure_build, measure_int8
+    from bench.ceilings import ModelWork, measure_apart, openvino_threads
     from bench.prompts import PromptFactory
     from bench.reload import V1_TOKENS, measure_reload
     from bench.server import Server, publish
@@ -95,6 +96,7 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
     timings["models"] = round(time.perf_counter() - t, 1)
     _log(f"models ready in {timings['models']:.0f} s: {art.root}")
     prompts = PromptFactory(sources.base / "tokenizer.json", plan.prompt_tokens)
+    ceilings = [measure_apart(openvino_threads(), logs / "ceilings.log")]  # again at the end: the machine drifts
 
     repository = plan.work / "repo-serving"
     model = "bench"
@@ -115,6 +117,7 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
 
         attempt(PEERS, lambda: measure_peers(plan, art, prompts, logs))
 
+    ceilings.append(measure_apart(openvino_threads(), logs / "ceilings.log"))
     finished = time.time()
     return {
         "command": "python -m bench" + (" --smoke" if plan.smoke else ""),
@@ -131,6 +134,11 @@ def run(plan: Plan, only: set[str]) -> tuple[dict[str, Any], list[Figure]]:
         "expected_figures": expected_figures(plan, only),
         "errors": errors,
         "details": details,
+        "ceilings": {
+            **{k: max(c[k] for c in ceilings) for k in ceilings[0]},
+            "measured": ceilings,
+            "model": vars(ModelWork.from_config(sources.base)),
+        },
     }, figures
 
 

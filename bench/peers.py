@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from bench.artifacts import Artifacts
+from bench.ceilings import openvino_threads
 from bench.load import LoadResult, http_load
 from bench.model import build_once, default_cache
-from bench.plan import Figure, Plan, median
+from bench.plan import Figure, Plan, median_pair
 from bench.prompts import PromptFactory
 from bench.server import Server, free_port, publish, stop
 
@@ -162,7 +162,7 @@ class LlamaServer:
                  lora: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        threads = str(_openvino_threads())
+        threads = str(openvino_threads())
         self.cmd = [str(llama.server), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                     "-t", threads, "-tb", threads, "--parallel", str(parallel), "-c", str(context * parallel),
                     "--no-webui", *(["--lora", str(lora)] if lora else [])]
@@ -192,14 +192,6 @@ class LlamaServer:
 
 
 @functools.cache
-def _openvino_threads() -> int:
-    """The threads OpenVINO's CPU plugin runs inference on here (it uses the physical cores by default)."""
-    import openvino as ov
-
-    threads = int(ov.Core().get_property("CPU", "INFERENCE_NUM_THREADS"))
-    return threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 def _prompt_tokens(url: str, path: str, model: str, prompt: str) -> tuple[int, str]:
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0}
     answer = httpx.post(url + path, json=body, timeout=120).json()
@@ -243,7 +235,7 @@ def measure_peers(
     wide = max(plan.concurrencies)
     context = plan.prompt_tokens + plan.max_tokens + 16
     figures: list[Figure] = []
-    details: dict[str, Any] = {"differs": list(DIFFERS), "threads": _openvino_threads(),
+    details: dict[str, Any] = {"differs": list(DIFFERS), "threads": openvino_threads(),
                                "llama_server": {"llama_cpp_python": LLAMA_CPP_PYTHON, "cmake": list(CMAKE_OPTIONS)}}
     with Server(repository, logs / "server-peers.log") as ours:
         for case in CASES:
@@ -280,8 +272,10 @@ def measure_peers(
 def _figures(
     case: Case, c: int, runs: dict[str, list[LoadResult]], checked: dict[str, tuple[int, str]]
 ) -> list[Figure]:
-    tok = {k: median([x.tok_s for x in v]) for k, v in runs.items()}
-    ttft = {k: median([x.ttft_p50 for x in v]) * 1000 for k, v in runs.items()}
+    pairs = list(zip(runs["ours"], runs["llama.cpp"], strict=True))  # each pair ran back to back
+    ours_tok, peer_tok = median_pair([(a.tok_s, b.tok_s) for a, b in pairs])
+    ours_ttft, peer_ttft = median_pair([(a.ttft_p50 * 1000, b.ttft_p50 * 1000) for a, b in pairs])
+    tok, ttft = {"ours": ours_tok, "llama.cpp": peer_tok}, {"ours": ours_ttft, "llama.cpp": peer_ttft}
     failed = {k: sum(x.failed for x in v) for k, v in runs.items()}
     same_prompt = checked["ours"][0] == checked["llama.cpp"][0]
     # A ratio is only a result when both sides did the same work and answered every request.

@@ -65,3 +65,12 @@ class Figure:
 def median(values: list[float]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(values) if values else float("nan")
+
+
+def median_pair(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The (value, baseline) pair whose ratio is the median. Each pair ran back to back, so a machine whose speed
+    drifts over minutes moves both its sides, where medians of each side taken apart would mix minutes."""
+    pairs = [p for p in pairs if math.isfinite(p[0]) and math.isfinite(p[1]) and p[1]]
+    if not pairs:
+        return math.nan, math.nan
+    return sorted(pairs, key=lambda p: p[0] / p[1])[(len(pairs) - 1) // 2]

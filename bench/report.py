@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from bench.ceilings import ModelWork
+from bench.ceilings import section as ceilings_section
 from bench.plan import Figure
 
 LARGE_SECTION = "## Real-size models (`./dev.sh bench --large`)"  # written by bench/large.py, kept by the others
@@ -127,6 +129,8 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
             "",
             *(f"- {d}" for d in peers["differs"]),
         ]
+    if body.get("ceilings"):
+        lines += ceilings_section(body, figures, ModelWork(**body["ceilings"]["model"]))
     extras = [(f, {k: x for k, x in f.extra.items() if k != "added_ms"}) for f in figures]
     extras = [(f, e) for f, e in extras if e]
     if extras:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.artifacts import Artifacts
 from bench.load import InProcessEngine, LoadResult, http_load
-from bench.plan import Figure, Plan, median
+from bench.plan import Figure, Plan, median, median_pair
 from bench.prompts import PromptFactory
 from bench.server import Server
 
@@ -64,59 +64,77 @@ class CpuShare:
         }
 
 
+def _run_pairs(
+    plan: Plan, engine: InProcessEngine, server: Server, model: str, prompts: PromptFactory, c: int
+) -> tuple[dict[str, list[LoadResult]], list[dict[str, float]]]:
+    """`repeats` pairs of runs on fresh prompts, engine and HTTP alternating which goes first."""
+    runs: dict[str, list[LoadResult]] = {"engine": [], "http": []}
+    cpu: list[dict[str, float]] = []
+    for r in range(plan.repeats):
+        for kind in ["engine", "http"] if r % 2 == 0 else ["http", "engine"]:
+            batch = prompts.batch(plan.requests[c])
+            if kind == "engine":
+                runs["engine"].append(engine.run(batch, c, plan.max_tokens))
+            else:
+                assert server.proc is not None
+                share = CpuShare(server.proc.pid)
+                runs["http"].append(asyncio.run(http_load(server.url, [model], batch, c, plan.max_tokens)))
+                cpu.append(share.shares())
+    return runs, cpu
+
+
+def _overhead_figures(c: int, runs: dict[str, list[LoadResult]]) -> tuple[Figure, Figure]:
+    """Throughput and TTFT of one concurrency, each from the pair of runs with the median ratio."""
+    pairs = list(zip(runs["http"], runs["engine"], strict=True))
+    h_tok, e_tok = median_pair([(h.tok_s, e.tok_s) for h, e in pairs])
+    h_ttft, e_ttft = (x * 1000 for x in median_pair([(h.ttft_p50, e.ttft_p50) for h, e in pairs]))
+    failed = sum(x.failed for x in runs["http"])
+    throughput = Figure(
+        f"serving.throughput.c{c}", f"HTTP streaming throughput, {c} client(s)", h_tok, e_tok, "tok/s",
+        "in-process ContinuousBatchingPipeline", f">= {MIN_THROUGHPUT_RATIO} (ratio)",
+        met=failed == 0 and h_tok / e_tok >= MIN_THROUGHPUT_RATIO,
+        note=f"{failed} failed requests" if failed else "",
+        extra={"pair_ratios": sorted(round(h.tok_s / e.tok_s, 3) for h, e in pairs if e.tok_s)},
+    )
+    ttft = Figure(
+        f"serving.ttft.c{c}", f"HTTP time to first token (p50), {c} client(s)", h_ttft, e_ttft, "ms",
+        "in-process ContinuousBatchingPipeline", f"<= {MAX_ADDED_TTFT_MS:g} ms added",
+        # A negative overhead means the two sides did different work (or noise larger than the figure): not a "met".
+        met=None if h_ttft < e_ttft else failed == 0 and h_ttft - e_ttft <= MAX_ADDED_TTFT_MS,
+        note="; ".join(
+            ([f"{failed} failed requests"] if failed else [])
+            + (["HTTP faster than in-process: not judged"] if h_ttft < e_ttft else [])
+        ),
+        extra={
+            "added_ms": round(h_ttft - e_ttft, 1),
+            "pair_added_ms": sorted(round((h.ttft_p50 - e.ttft_p50) * 1000, 1) for h, e in pairs),
+        },
+    )
+    return throughput, ttft
+
+
 def measure_overhead(
     plan: Plan, art: Artifacts, server: Server, model: str, prompts: PromptFactory
 ) -> tuple[list[Figure], dict[str, Any]]:
-    """Per concurrency, `repeats` pairs of runs on fresh prompts, engine and HTTP alternating which goes first."""
+    """Per concurrency, `repeats` pairs of runs, engine and HTTP alternating which goes first."""
     engine = InProcessEngine(art.merged_ir(0))
     _warm(engine, server, model, prompts)
     figures: list[Figure] = []
     details: dict[str, Any] = {}
     for c in plan.concurrencies:
-        n = plan.requests[c]
-        runs: dict[str, list[LoadResult]] = {"engine": [], "http": []}
-        cpu: list[dict[str, float]] = []
-        for r in range(plan.repeats):
-            order = ["engine", "http"] if r % 2 == 0 else ["http", "engine"]
-            for kind in order:
-                batch = prompts.batch(n)
-                if kind == "engine":
-                    runs["engine"].append(engine.run(batch, c, plan.max_tokens))
-                else:
-                    assert server.proc is not None
-                    share = CpuShare(server.proc.pid)
-                    runs["http"].append(asyncio.run(http_load(server.url, [model], batch, c, plan.max_tokens)))
-                    cpu.append(share.shares())
-        e_tok, h_tok = median([x.tok_s for x in runs["engine"]]), median([x.tok_s for x in runs["http"]])
-        e_ttft, h_ttft = (median([x.ttft_p50 for x in runs[k]]) * 1000 for k in ("engine", "http"))
-        failed = sum(x.failed for x in runs["http"])
+        runs, cpu = _run_pairs(plan, engine, server, model, prompts, c)
         details[f"c{c}"] = {k: [x.summary() for x in v] for k, v in runs.items()}
-        figures.append(Figure(
-            f"serving.throughput.c{c}", f"HTTP streaming throughput, {c} client(s)", h_tok, e_tok, "tok/s",
-            "in-process ContinuousBatchingPipeline", f">= {MIN_THROUGHPUT_RATIO} (ratio)",
-            met=failed == 0 and h_tok / e_tok >= MIN_THROUGHPUT_RATIO,
-            note=f"{failed} failed requests" if failed else "",
-        ))
-        figures.append(Figure(
-            f"serving.ttft.c{c}", f"HTTP time to first token (p50), {c} client(s)", h_ttft, e_ttft, "ms",
-            "in-process ContinuousBatchingPipeline", f"<= {MAX_ADDED_TTFT_MS:g} ms added",
-            # A negative overhead means the two sides did different work (or noise larger than the figure): not a "met".
-            met=None if h_ttft < e_ttft else failed == 0 and h_ttft - e_ttft <= MAX_ADDED_TTFT_MS,
-            note="; ".join(
-                ([f"{failed} failed requests"] if failed else [])
-                + (["HTTP faster than in-process: not judged"] if h_ttft < e_ttft else [])
-            ),
-            extra={
-                "added_ms": round(h_ttft - e_ttft, 1),
-                # Where added time goes: the server's event loop answering /v2/health/live during the load,
-                # and how long a Python thread waits for the GIL while the engine steps, in-process.
-                "live_p50_ms": round(median([x.stalls()["stall_p50_ms"] for x in runs["http"]]), 1),
-                "live_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["http"]]), 1),
-                "engine_gil_wait_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["engine"]]), 1),
-                # Shares of the 2 cores over the HTTP runs: the benchmark's own client is on the same machine.
-                **{k: round(median([x[k] for x in cpu]), 3) for k in cpu[0]},
-            },
-        ))
+        throughput, ttft = _overhead_figures(c, runs)
+        ttft.extra.update({
+            # Where added time goes: the server's event loop answering /v2/health/live during the load,
+            # and how long a Python thread waits for the GIL while the engine steps, in-process.
+            "live_p50_ms": round(median([x.stalls()["stall_p50_ms"] for x in runs["http"]]), 1),
+            "live_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["http"]]), 1),
+            "engine_gil_wait_max_ms": round(median([x.stalls()["stall_max_ms"] for x in runs["engine"]]), 1),
+            # Shares of the cores over the HTTP runs: the benchmark's own client is on the same machine.
+            **{k: round(median([x[k] for x in cpu]), 3) for k in cpu[0]},
+        })
+        figures += [throughput, ttft]
     del engine
     return figures, details
 
@@ -160,7 +178,7 @@ def measure_torch(
                     else:
                         ours.append(asyncio.run(http_load(server.url, [model], batch, c, plan.max_tokens)))
             failed = sum(x.failed for x in ours)
-            mine, other = median([x.tok_s for x in ours]), median([t["tok_s"] for t in theirs])
+            mine, other = median_pair([(x.tok_s, t["tok_s"]) for x, t in zip(ours, theirs, strict=True)])
             details[f"c{c}"] = {"http": [x.summary() for x in ours], "torch": theirs}
             figures.append(Figure(
                 f"vs_torch.throughput.c{c}", f"speed-up over transformers generate, {c} client(s) (ours: HTTP, "

@@ -73,6 +73,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
                         default=_setting("CPU_RUNTIME_CACHE", int, _ENGINE.cpu_runtime_cache),
                         help="OpenVINO's compiled-kernel cache entries (default 0: memory stays flat; OpenVINO's own "
                              "default is 5000, a few %% faster, memory growing with each new batch shape until full)")
+    parser.add_argument("--engine-threads", type=int, default=_setting("ENGINE_THREADS", int, _ENGINE.threads),
+                        help="compute threads of each model's engine (default: OpenVINO's, every core); fewer leaves "
+                             "cores to the server and to other work on the machine")
     parser.add_argument("--poll-interval", type=float,
                         default=_setting("POLL_INTERVAL", float, _SERVER["poll_interval"]),
                         help="seconds between checks of the index (a conditional GET on a bucket)")
@@ -89,6 +92,8 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
         repository = Path(repository).resolve()
         if not repository.is_dir():
             parser.error(f"--repository {args.repository} is not a folder")
+    if args.engine_threads is not None and not args.engine_threads > 0:
+        parser.error(f"--engine-threads must be positive, got {args.engine_threads}")
     if not args.poll_interval > 0:
         parser.error(f"--poll-interval must be positive, got {args.poll_interval}")
     api_key = _env("API_KEY")
@@ -111,6 +116,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
             time_slice=args.time_slice,
             max_adapter_bytes=args.max_adapter_bytes,
             cpu_runtime_cache=args.cpu_runtime_cache,
+            threads=args.engine_threads,
         ),
     )
     return args, settings

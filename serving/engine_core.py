@@ -58,6 +58,9 @@ class EngineSettings:
     # Off, memory stays flat (+2.7%) for a throughput within noise on the tiny model and 0.95 on the
     # 135M benchmark model at 16 clients (2026-12-04, bench/ANALYSIS.md). None: OpenVINO's default.
     cpu_runtime_cache: int | None = 0
+    # INFERENCE_NUM_THREADS of each engine; None: OpenVINO's choice, every core. Fewer leaves cores to the server,
+    # to other engines or to other work on the machine (each engine is a process with its own threads).
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ class EngineCore:
             properties["adapters"] = registered
         if settings.cpu_runtime_cache is not None:
             properties["CPU_RUNTIME_CACHE_CAPACITY"] = settings.cpu_runtime_cache
+        if settings.threads is not None:
+            properties["INFERENCE_NUM_THREADS"] = settings.threads
         self._pipe = ov_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
         self._weights = [folder / "openvino_model.bin"]
         self._released_at = 0.0

@@ -49,4 +49,10 @@ def test_smoke_run_records_every_figure_with_its_baseline(
 
     table = (tmp_path / "smoke" / "RESULTS.md").read_text(encoding="utf-8")
     assert body["machine"]["cpu"] in table
-    assert table.count("\n| ") - 1 == len(figures)  # one row a figure, under the header row
+    rows = table.partition("| Figure |")[2].partition("\n\n")[0]
+    assert rows.count("\n| ") == len(figures)  # one row a figure
+    # The machine's ceilings, measured, and each side's share of them in a table of their own.
+    ceilings = body["ceilings"]
+    assert ceilings["read_gb_s"] > 0 and ceilings["f32_gflop_s"] > 0 and len(ceilings["measured"]) == 2
+    shares = table.partition("## Against this machine's ceilings")[2].partition("\n\n| what |")[2]
+    assert "| one stream: weights read | ours in process" in shares and "the target: 3x transformers" in shares

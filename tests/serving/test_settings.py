@@ -16,12 +16,24 @@ def test_flags_win_over_environment_variables(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("LORA_SERVE_PORT", "9001")
     monkeypatch.setenv("LORA_SERVE_API_KEY_FILE", str(key))
     monkeypatch.setenv("LORA_SERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("LORA_SERVE_ENGINE_THREADS", "1")
     args, settings = parse([])
     assert settings.repository == tmp_path.resolve() and args.port == 9001
     assert settings.api_key == "s3cret" and "s3cret" not in repr(settings)
-    assert settings.engine.max_queue == 7
-    args, _ = parse(["--port", "9002"])
-    assert args.port == 9002
+    assert settings.engine.max_queue == 7 and settings.engine.threads == 1
+    args, settings = parse(["--port", "9002", "--engine-threads", "3"])
+    assert args.port == 9002 and settings.engine.threads == 3
+    monkeypatch.delenv("LORA_SERVE_ENGINE_THREADS")
+    assert parse([])[1].engine.threads is None  # OpenVINO's own choice: every core
+
+
+def test_engine_threads_must_be_positive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LORA_SERVE_REPOSITORY", str(tmp_path))
+    with pytest.raises(SystemExit):
+        parse(["--engine-threads", "0"])
+    assert "--engine-threads must be positive, got 0" in capsys.readouterr().err
 
 
 def test_a_missing_repository_or_empty_key_file_is_a_usage_error(
