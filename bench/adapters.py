@@ -13,7 +13,7 @@ import httpx
 import modelrepo
 from bench.artifacts import Artifacts
 from bench.load import LoadResult, Outcome, completion_body, http_load, stream_one
-from bench.plan import Figure, Plan, median
+from bench.plan import Figure, Plan, median, median_pair
 from bench.prompts import PromptFactory
 from bench.server import Server, publish
 
@@ -54,13 +54,13 @@ def measure_adapters(
         asyncio.run(http_load(server.url, adapters + merged, prompts.batch(len(adapters + merged)), 2, 4))  # warm
         for key, title, ours, theirs, c in cases:
             runs: dict[str, list[Any]] = {"adapters": [], "merged": []}
-            # Fewer repeats than the serving figures: the adapters' cost is far above the noise.
-            for r in range(max(1, plan.repeats - 1)):
+            for r in range(plan.repeats):
                 order = [("adapters", ours), ("merged", theirs)]
                 for kind, models in order if r % 2 == 0 else order[::-1]:
                     batch = prompts.batch(plan.requests[c])
                     runs[kind].append(asyncio.run(http_load(server.url, models, batch, c, plan.max_tokens)))
-            a_tok, m_tok = median([x.tok_s for x in runs["adapters"]]), median([x.tok_s for x in runs["merged"]])
+            pairs = list(zip(runs["adapters"], runs["merged"], strict=True))  # each pair ran back to back
+            a_tok, m_tok = median_pair([(a.tok_s, m.tok_s) for a, m in pairs])
             a_ttft, m_ttft = (median([x.ttft_p50 for x in runs[k]]) * 1000 for k in ("adapters", "merged"))
             failed = sum(x.failed for v in runs.values() for x in v)
             details[key] = {k: [x.summary() for x in v] for k, v in runs.items()}

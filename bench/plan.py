@@ -16,7 +16,8 @@ class Plan:
     max_tokens: int  # new tokens per request, EOS ignored
     concurrencies: tuple[int, ...]
     requests: dict[int, int]  # concurrency -> requests per measurement
-    repeats: int  # each serving measurement, engine and HTTP alternating; the median is reported
+    repeats: int  # pairs of runs per figure, the two sides alternating which goes first
+    overhead_repeats: int  # pairs per serving-overhead figure: its gap to the target is smaller than the noise
     reload_max_tokens: int  # the reload benchmark's requests are short, so many of them cross the swap
     out: Path
     work: Path  # scratch: repositories, logs (removed at the end unless --keep)
@@ -24,9 +25,10 @@ class Plan:
     @staticmethod
     def make(smoke: bool, out: Path, work: Path) -> Plan:
         if smoke:
-            return Plan(True, 16, 8, (1, 4, 16), {1: 1, 4: 4, 16: 16}, 1, 4, out, work)
+            return Plan(True, 16, 8, (1, 4, 16), {1: 1, 4: 4, 16: 16}, 1, 1, 4, out, work)
         # 64 new tokens, not 128: the whole run, models included, must fit in 20 minutes on 2 cores.
-        return Plan(False, 64, 64, (1, 4, 16), {1: 3, 4: 8, 16: 16}, 3, 16, out, work)
+        # 7 pairs for the serving overhead: one pair's ratio moves by +-15% on this machine (bench/ANALYSIS.md).
+        return Plan(False, 64, 64, (1, 4, 16), {1: 3, 4: 8, 16: 16}, 3, 7, 16, out, work)
 
     def describe(self) -> dict[str, Any]:
         body = asdict(self)

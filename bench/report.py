@@ -105,7 +105,9 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
         "- Libraries: " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".",
         f"- Load: {plan['prompt_tokens']}-token fresh prompts (no prefix-cache hits), {plan['max_tokens']} new tokens, "
         f"greedy, EOS ignored; closed loop (each client sends its next request when the last ends); "
-        f"medians of {plan['repeats']} run(s), engine and HTTP alternating.",
+        f"{plan['repeats']} pairs of runs per figure ({plan.get('overhead_repeats', plan['repeats'])} for the "
+        "serving overhead), the two sides alternating which goes first; a throughput figure is the pair with the "
+        "median ratio.",
         "",
         "| Figure | Value | Baseline | Ratio | Target | Met |",
         "|---|---|---|---|---|---|",

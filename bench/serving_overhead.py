@@ -67,10 +67,10 @@ class CpuShare:
 def _run_pairs(
     plan: Plan, engine: InProcessEngine, server: Server, model: str, prompts: PromptFactory, c: int
 ) -> tuple[dict[str, list[LoadResult]], list[dict[str, float]]]:
-    """`repeats` pairs of runs on fresh prompts, engine and HTTP alternating which goes first."""
+    """`overhead_repeats` pairs of runs on fresh prompts, engine and HTTP alternating which goes first."""
     runs: dict[str, list[LoadResult]] = {"engine": [], "http": []}
     cpu: list[dict[str, float]] = []
-    for r in range(plan.repeats):
+    for r in range(plan.overhead_repeats):
         for kind in ["engine", "http"] if r % 2 == 0 else ["http", "engine"]:
             batch = prompts.batch(plan.requests[c])
             if kind == "engine":
@@ -116,7 +116,7 @@ def _overhead_figures(c: int, runs: dict[str, list[LoadResult]]) -> tuple[Figure
 def measure_overhead(
     plan: Plan, art: Artifacts, server: Server, model: str, prompts: PromptFactory
 ) -> tuple[list[Figure], dict[str, Any]]:
-    """Per concurrency, `repeats` pairs of runs, engine and HTTP alternating which goes first."""
+    """Per concurrency, `overhead_repeats` pairs of runs, engine and HTTP alternating which goes first."""
     engine = InProcessEngine(art.merged_ir(0))
     _warm(engine, server, model, prompts)
     figures: list[Figure] = []
