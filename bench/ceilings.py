@@ -16,6 +16,7 @@ threads must not spin beside OpenVINO's):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ from bench.plan import Figure
 BYTES_PER_WEIGHT = {"fp16": 2.0, "int8": 1.0, "GGUF F16": 2.0, "GGUF Q8_0": 34 / 32}  # Q8_0: 32 int8 + an f16 scale
 
 
+@functools.cache
 def openvino_threads() -> int:
     """The threads OpenVINO's CPU plugin runs inference on here (it uses the physical cores by default)."""
     import openvino as ov
@@ -107,11 +109,12 @@ def _share(rate: float, ceiling: float) -> str:
     return f"{rate / ceiling:.0%}"
 
 
-def section(body: dict[str, Any], figures: list[Figure], work: ModelWork) -> list[str]:
+def section(body: dict[str, Any], figures: list[Figure]) -> list[str]:
     """RESULTS.md's lines on the ceilings: each measured side's rate and its share, and what the targets need."""
     ceil = body.get("ceilings")
     if not ceil:
         return []
+    work = ModelWork(**ceil["model"])
     plan = body["plan"]
     by_id = {f.id: f for f in figures}
     prompt_tokens = plan["prompt_tokens"] + 1  # and BOS

@@ -18,7 +18,6 @@ first. What cannot be made equal is in `differs`, written into RESULTS.md.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import shutil
 import signal
@@ -191,7 +190,6 @@ class LlamaServer:
         self._log.close()
 
 
-@functools.cache
 def _prompt_tokens(url: str, path: str, model: str, prompt: str) -> tuple[int, str]:
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0}
     answer = httpx.post(url + path, json=body, timeout=120).json()

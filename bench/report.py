@@ -15,7 +15,6 @@ from typing import Any
 
 import psutil
 
-from bench.ceilings import ModelWork
 from bench.ceilings import section as ceilings_section
 from bench.plan import Figure
 
@@ -106,8 +105,8 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
         f"- Load: {plan['prompt_tokens']}-token fresh prompts (no prefix-cache hits), {plan['max_tokens']} new tokens, "
         f"greedy, EOS ignored; closed loop (each client sends its next request when the last ends); "
         f"{plan['repeats']} pairs of runs per figure ({plan.get('overhead_repeats', plan['repeats'])} for the "
-        "serving overhead), the two sides alternating which goes first; a throughput figure is the pair with the "
-        "median ratio.",
+        "serving overhead), the two sides alternating which goes first; the serving, transformers, llama.cpp and "
+        "adapter ratios are each that of the pair with the median ratio.",
         "",
         "| Figure | Value | Baseline | Ratio | Target | Met |",
         "|---|---|---|---|---|---|",
@@ -131,8 +130,7 @@ def markdown(body: dict[str, Any], figures: list[Figure]) -> str:
             "",
             *(f"- {d}" for d in peers["differs"]),
         ]
-    if body.get("ceilings"):
-        lines += ceilings_section(body, figures, ModelWork(**body["ceilings"]["model"]))
+    lines += ceilings_section(body, figures)
     extras = [(f, {k: x for k, x in f.extra.items() if k != "added_ms"}) for f in figures]
     extras = [(f, e) for f, e in extras if e]
     if extras:
