@@ -58,8 +58,8 @@ class EngineSettings:
     # Off, memory stays flat (+2.7%) for a throughput within noise on the tiny model and 0.95 on the
     # 135M benchmark model at 16 clients (2026-12-04, bench/ANALYSIS.md). None: OpenVINO's default.
     cpu_runtime_cache: int | None = 0
-    # INFERENCE_NUM_THREADS of each engine; None: OpenVINO's choice, every core. Fewer leaves cores to the server,
-    # to other engines or to other work on the machine (each engine is a process with its own threads).
+    # INFERENCE_NUM_THREADS of each engine; None: OpenVINO's choice, every core. Fewer leaves cores to other work
+    # on the machine; several busy engines still do better on every core each (measured: bench/ANALYSIS.md).
     threads: int | None = None
 
 

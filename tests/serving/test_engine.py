@@ -205,17 +205,17 @@ def test_a_failed_step_fails_its_requests_and_the_core_goes_on(demo_repository: 
 
 
 def test_an_engine_on_one_thread_computes_the_same_text(demo_repository: DemoRepository) -> None:
-    """--engine-threads reaches the plugin (INFERENCE_NUM_THREADS; its effect on the CPU used shows on a model
-    large enough to spread, measured in bench/serving_overhead.py) and changes no token."""
+    """--engine-threads reaches the plugin as INFERENCE_NUM_THREADS and changes no token (its effect on the CPU an
+    engine uses shows on a model large enough to spread: bench/ANALYSIS.md, "--engine-threads")."""
     repo = demo_repository.root
     base = modelrepo.read_index(repo).entries["base_model"]
     tokenizer = ov_genai.Tokenizer(str(repo / base.path))
     config = ov_genai.GenerationConfig(str(repo / base.path / "generation_config.json"))
     config.max_new_tokens = 30
     ids = list(tokenizer.encode(REFERENCE_PROMPT).input_ids.data[0])
-    texts = [_core_text(EngineCore(repo / base.path, [], EngineSettings(threads=t)), Job(0, ids, config_fields(config),
-                                                                                         None)) for t in (None, 1)]
-    assert texts[0] and texts[1] == texts[0]
+    job = Job(0, ids, config_fields(config), None)
+    every_core, one = (_core_text(EngineCore(repo / base.path, [], EngineSettings(threads=t)), job) for t in (None, 1))
+    assert every_core and one == every_core
 
 
 def test_a_cancelled_request_does_not_fail_the_adapter_group_that_runs_next(demo_repository: DemoRepository) -> None:
