@@ -118,6 +118,15 @@ def _require_version(store: Store, path: str) -> None:
         raise RepositoryError(f"{path} is not a complete version folder in {store.location}")
 
 
+def _entry_of(entries: dict[str, Entry], name: str, location: str, staged: bool = False) -> Entry:
+    """`name`'s live (or staged) entry, or an error that lists the names there are."""
+    entry = entries.get(name)
+    if entry is None:
+        missing, listed = ("has no staged version", "staged") if staged else ("is not served", "served")
+        raise RepositoryError(f"{name!r} {missing} in {location}; {listed}: {sorted(entries) or 'none'}")
+    return entry
+
+
 def new_entry(version: NewVersion, number: int) -> Entry:
     return Entry(
         name=version.name,
@@ -240,11 +249,7 @@ def promote(repository: str | os.PathLike[str] | Store, name: str) -> Entry:
     promoted: list[Entry] = []
 
     def change(index: Index) -> Index:
-        staged = index.staged.get(check_name(name))
-        if staged is None:
-            raise RepositoryError(
-                f"{name!r} has no staged version in {store.location}; staged: {sorted(index.staged) or 'none'}"
-            )
+        staged = _entry_of(index.staged, check_name(name), store.location, staged=True)
         _require_version(store, staged.path)
         after = index.promoted(name, _now())
         promoted[:] = [after.entries[name]]
@@ -260,11 +265,7 @@ def rollback(repository: str | os.PathLike[str] | Store, name: str, version: int
     chosen: list[Entry] = []
 
     def change(index: Index) -> Index:
-        current = index.entries.get(check_name(name))
-        if current is None:
-            raise RepositoryError(
-                f"{name!r} is not served in {store.location}; served: {sorted(index.entries) or 'none'}"
-            )
+        current = _entry_of(index.entries, check_name(name), store.location)
         kept = store.versions(name)
         target = version
         if target is None:
@@ -308,10 +309,7 @@ def remove_entry(repository: str | os.PathLike[str] | Store, name: str) -> None:
     store = open_store(repository)
 
     def change(index: Index) -> Index:
-        if name not in index.entries:
-            raise RepositoryError(
-                f"{name!r} is not served in {store.location}; served: {sorted(index.entries) or 'none'}"
-            )
+        _entry_of(index.entries, name, store.location)
         users = sorted(e.name for e in index.entries.values() if e.base == name)
         if users:
             raise RepositoryError(f"{name!r} is the base of adapters {users}: remove them first")
