@@ -126,8 +126,12 @@ class InProcessEngine:
         self.pipe = ov_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
         self._ids = 0
 
-    def run(self, prompts: list[str], concurrency: int, max_tokens: int) -> LoadResult:
-        """`concurrency` clients in a closed loop over `prompts`; tokenizing counts in each request's time."""
+    def run(self, prompts: list[str], concurrency: int, max_tokens: int, turnaround_s: float = 0.0) -> LoadResult:
+        """`concurrency` clients in a closed loop over `prompts`; tokenizing counts in each request's time.
+
+        `turnaround_s`: a client sends its next request that long after its last ended, as one outside the
+        engine's loop does (0: before the next step); its times count from then (bench/turnaround.py).
+        """
         import numpy as np
         import openvino as ov
         import openvino_genai as ov_genai
@@ -137,9 +141,8 @@ class InProcessEngine:
         running: dict[int, tuple[Any, float, list[float | None], list[int]]] = {}
         result = LoadResult(concurrency, 0.0)
 
-        def submit() -> None:
+        def submit(t: float) -> None:
             prompt = todo.popleft()
-            t = time.perf_counter()
             ids = self.tokenizer.encode(prompt).input_ids.data
             self._ids += 1
             handle = self.pipe.add_request(self._ids, ov.Tensor(np.array(ids, dtype=np.int64)), config)
@@ -158,9 +161,15 @@ class InProcessEngine:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         start = time.perf_counter()
-        while todo and len(running) < concurrency:
-            submit()
-        while running:
+        sends = [start] * min(concurrency, len(todo))  # when each client without a request sends its next one
+        while running or (todo and sends):
+            now = time.perf_counter()
+            for t in [t for t in sends if t <= now]:
+                sends.remove(t)
+                submit(t)
+            if not running:
+                time.sleep(max(0.0, min(sends) - now))
+                continue
             self.pipe.step()
             now = time.perf_counter()
             for rid, (handle, t, first, count) in list(running.items()):
@@ -174,8 +183,8 @@ class InProcessEngine:
                     error = None if status == ov_genai.GenerationStatus.FINISHED else status.name
                     result.outcomes.append(Outcome(first[0], count[0], now - t, error))
                     del running[rid]
-                    if todo:
-                        submit()
+                    if len(sends) < len(todo):
+                        sends.append(now + turnaround_s)
         result.wall = time.perf_counter() - start
         stop.set()
         watcher.join()
