@@ -73,7 +73,7 @@ def measure_apart(threads: int, log: Path) -> dict[str, Any]:
     """`measure` in a child process (torch never loaded beside OpenVINO)."""
     with open(log, "ab") as err:
         out = subprocess.run([sys.executable, "-m", "bench.ceilings", "--threads", str(threads)], check=True,
-                             stdout=subprocess.PIPE, stderr=err, env=dict(os.environ), timeout=600)
+                             stdout=subprocess.PIPE, stderr=err, timeout=600)
     return json.loads(out.stdout)
 
 

@@ -10,6 +10,7 @@ import openvino_genai as ov_genai
 
 import modelrepo
 from modelrepo.numerics import Numerics, pinned
+from serving.detokenizer import DETOKENIZER_XML
 from serving.engine_core import build_config, config_fields
 
 MODEL_XML = "openvino_model.xml"
@@ -34,7 +35,7 @@ class ModelInfo:
 
 def read_model_info(folder: Path) -> ModelInfo:
     """Read the context length from the HF config.json and the pinned numerics from the manifest; check the files."""
-    for needed in (MODEL_XML, GENERATION_CONFIG, "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+    for needed in (MODEL_XML, GENERATION_CONFIG, "openvino_tokenizer.xml", DETOKENIZER_XML):
         if not (folder / needed).is_file():
             raise FileNotFoundError(f"{folder} has no {needed}")
     context = DEFAULT_CONTEXT
